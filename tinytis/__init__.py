@@ -1,0 +1,1 @@
+"""tinytis: a minimal inference engine for Mistral-architecture models with learned KV-cache eviction."""

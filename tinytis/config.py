@@ -1,0 +1,106 @@
+"""ModelArgs: the shape of a Mistral-architecture model, read from HF config.json or params.json."""
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tinytis.errors import UserError
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: int = 128
+    hidden_dim: int = 14336
+    vocab_size: int = 32768
+    norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    max_seq_len: int = 32768
+    sliding_window: int | None = None
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise UserError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; fix the model config")
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        model_type = cfg.get("model_type")
+        if model_type not in ("mistral", "llama"):
+            raise UserError(f"unknown model_type {model_type!r} in config.json; tinytis runs 'mistral' and 'llama' models")
+        n_heads = cfg["num_attention_heads"]
+        return cls(
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            hidden_dim=cfg["intermediate_size"],
+            vocab_size=cfg["vocab_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 1e4),
+            max_seq_len=cfg.get("max_position_embeddings", 32768),
+            sliding_window=cfg.get("sliding_window"),
+            tie_embeddings=cfg.get("tie_word_embeddings", False),
+        )
+
+    @classmethod
+    def from_params_json(cls, params: dict) -> "ModelArgs":
+        n_heads = params["n_heads"]
+        return cls(
+            dim=params["dim"],
+            n_layers=params["n_layers"],
+            n_heads=n_heads,
+            n_kv_heads=params.get("n_kv_heads") or n_heads,
+            head_dim=params.get("head_dim") or params["dim"] // n_heads,
+            hidden_dim=params["hidden_dim"],
+            vocab_size=params["vocab_size"],
+            norm_eps=params.get("norm_eps", 1e-5),
+            rope_theta=params.get("rope_theta", 1e4),
+            max_seq_len=params.get("max_seq_len", 32768),
+            sliding_window=params.get("sliding_window"),
+            tie_embeddings=params.get("tie_embeddings", False),
+        )
+
+    @classmethod
+    def from_dir(cls, path: Path) -> "ModelArgs":
+        """Read config.json (HF layout) or params.json (consolidated layout) from a model directory."""
+        for name, reader in (("config.json", cls.from_hf_config), ("params.json", cls.from_params_json)):
+            f = path / name
+            if f.exists():
+                try:
+                    return reader(json.loads(f.read_text()))
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise UserError(f"{f} is not a valid model config ({type(e).__name__}: {e}); re-download or fix it")
+        raise UserError(f"{path} has no config.json or params.json; point --model at a model directory")
+
+    def to_hf_config(self) -> dict:
+        """The config.json that transformers' MistralForCausalLM reads for this shape."""
+        return {
+            "architectures": ["MistralForCausalLM"],
+            "model_type": "mistral",
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.hidden_dim,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_seq_len,
+            "sliding_window": self.sliding_window,
+            "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": "silu",
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "torch_dtype": "float32",
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+MISTRAL_7B_V03 = ModelArgs()

@@ -1,0 +1,197 @@
+"""The Mistral architecture in plain PyTorch: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+The model does not own a KV cache. A forward pass is given one (or none, for training and
+scoring full sequences): the cache stores the new keys and values and runs attention over
+whatever it holds, which is how eviction stays out of the model.
+"""
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tinytis.config import ModelArgs
+from tinytis.errors import UserError
+from tinytis.weights import Checkpoint
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype):
+    """cos and sin for RoPE on halves at integer positions (B, T) -> (B, 1, T, head_dim) each."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    freqs = positions.clamp(min=0).float()[..., None] * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x: (B, H, T, D) by pairs (i, i + D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def attention_mask(q_pos, k_pos, sliding_window: int | None):
+    """Which keys each query sees: (B, Tq), (B, Tk) -> bool (B, 1, Tq, Tk).
+
+    A key is visible when it is not after the query (and within the sliding window). Position -1
+    marks padding: padded queries see only padded keys, so no row of the softmax is empty.
+    """
+    q, k = q_pos[:, None, :, None], k_pos[:, None, None, :]
+    visible = (k <= q) & ((k >= 0) | (q < 0))
+    if sliding_window is not None:
+        visible &= q - k < sliding_window
+    return visible
+
+
+def attend(q, k, v, mask=None, key_bias=None):
+    """Grouped-query attention. q: (B, H, Tq, D); k, v: (B, KV, Tk, D); mask: bool (B, 1, Tq, Tk) or None
+    for causal over a full sequence; key_bias: (B, KV, Tk) added to the logits of every query of the group."""
+    if key_bias is None and mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if mask is None:
+        Tq, Tk = q.shape[2], k.shape[2]
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)[None, None]
+    if key_bias is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    bias = key_bias.repeat_interleave(group, dim=1)[:, :, None, :].to(q.dtype)  # (B, H, 1, Tk)
+    bias = bias.masked_fill(~mask, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.args, self.layer_id = args, layer_id
+        d = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * d, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * d, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * d, bias=False)
+        self.wo = nn.Linear(args.n_heads * d, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, mask=None, key_bias=None):
+        B, T, _ = x.shape
+        d = self.args.head_dim
+        # q: (B, H, T, D); k, v: (B, KV, T, D)
+        q = self.wq(x).view(B, T, self.args.n_heads, d).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.args.n_kv_heads, d).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.args.n_kv_heads, d).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            out = attend(q, k, v, mask, None if key_bias is None else key_bias[self.layer_id])
+        else:
+            out = cache.attend(self.layer_id, q, k, v)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.attention = Attention(args, layer_id)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, cache=None, mask=None, key_bias=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, mask, key_bias)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def init_weights(self, seed: int, std: float = 0.02):
+        """Random initialisation for training from scratch (norms at 1, linear and embedding ~ N(0, std))."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                p.copy_(torch.ones_like(p) if name.endswith("norm.weight") else torch.randn(p.shape, generator=g) * std)
+
+    def hidden_states(self, ids, positions=None, cache=None, key_bias=None):
+        """Final-normed hidden states (B, T, dim).
+
+        ids: (B, T). positions: (B, T) true positions, -1 for padding; None means 0..T-1.
+        cache: stores this chunk's keys and values and attends over what it holds; with cache=None
+        the chunk attends causally to itself. key_bias: (n_layers, B, n_kv_heads, T) added to the
+        attention logits of each key (the soft eviction mask of ERT training); cache=None only.
+        """
+        B, T = ids.shape
+        x = self.tok_embeddings(ids)
+        mask = None
+        if positions is None:
+            positions = torch.arange(T, device=ids.device).expand(B, T)
+            if self.args.sliding_window is not None:
+                mask = attention_mask(positions, positions, self.args.sliding_window)
+        elif cache is None:
+            mask = attention_mask(positions, positions, self.args.sliding_window)
+        if cache is not None:
+            cache.begin_forward(positions)
+        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, mask, key_bias)
+        return self.norm(x)
+
+    def logits(self, h):
+        return self.output(h).float()
+
+    def forward(self, ids, positions=None, cache=None, key_bias=None):
+        return self.logits(self.hidden_states(ids, positions, cache, key_bias))
+
+    @classmethod
+    def from_pretrained(cls, path: Path, dtype=torch.float32) -> "Transformer":
+        """Build the model on the meta device and fill it one checkpoint tensor at a time."""
+        args = ModelArgs.from_dir(path)
+        checkpoint = Checkpoint(path)
+        with torch.device("meta"):
+            model = cls(args)
+        expected = dict(model.named_parameters())
+        loaded = set()
+        for name, tensor in checkpoint.tensors(args):
+            if name == "output.weight" and args.tie_embeddings:
+                continue  # tied to tok_embeddings below
+            if name not in expected:
+                raise UserError(f"{path}: unexpected weight {name!r}; the checkpoint does not match a {args.n_layers}-layer Mistral")
+            if tensor.shape != expected[name].shape:
+                raise UserError(
+                    f"{path}: weight {name} has shape {tuple(tensor.shape)} but config implies {tuple(expected[name].shape)}; "
+                    "config and weights do not belong together"
+                )
+            model.load_state_dict({name: tensor.to(dtype)}, strict=False, assign=True)
+            loaded.add(name)
+        if args.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+            loaded.add("output.weight")
+        missing = sorted(set(expected) - loaded)
+        if missing:
+            raise UserError(f"{path}: weights missing for {missing[0]} and {len(missing) - 1} more; the checkpoint is incomplete")
+        return model.eval()

@@ -1,0 +1,58 @@
+"""A sentencepiece tokenizer with BOS/EOS handling and streaming-safe incremental decoding."""
+from pathlib import Path
+
+import sentencepiece as spm
+
+from tinytis.errors import UserError
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.model.v3")
+
+
+class Tokenizer:
+    def __init__(self, model_file: Path):
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"cannot load tokenizer {model_file}: {e}")
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+
+    @classmethod
+    def from_dir(cls, path: Path) -> "Tokenizer":
+        for name in TOKENIZER_FILES:
+            if (path / name).exists():
+                return cls(path / name)
+        raise UserError(f"{path} has no tokenizer.model or tokenizer.model.v3")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        ids = self.sp.encode(text)
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+
+class StreamDecoder:
+    """Turns generated ids into text pieces as they arrive.
+
+    Decoding ids one by one would lose sentencepiece's word-boundary spaces and split multi-byte
+    characters built from byte-fallback pieces. So each step decodes the ids since the last
+    emitted boundary and emits only what has become stable: text ending in U+FFFD is a character
+    still waiting for its remaining bytes and is held back.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prefix: list[int] = ()):
+        self.tokenizer = tokenizer
+        self.ids = list(prefix[-1:])  # one token of context so the first piece keeps its leading space
+        self.emitted = len(tokenizer.decode(self.ids))
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.emitted = text[self.emitted :], len(text)
+        return new
