@@ -30,6 +30,10 @@ class ModelArgs:
         model_type = cfg.get("model_type")
         if model_type not in ("mistral", "llama"):
             raise UserError(f"unknown model_type {model_type!r} in config.json; tinytis runs 'mistral' and 'llama' models")
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise UserError(f"rope type {rope_type!r} in config.json is not supported; tinytis implements plain RoPE")
         n_heads = cfg["num_attention_heads"]
         return cls(
             dim=cfg["hidden_size"],
@@ -40,7 +44,7 @@ class ModelArgs:
             hidden_dim=cfg["intermediate_size"],
             vocab_size=cfg["vocab_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 1e4),
+            rope_theta=cfg.get("rope_theta") or rope.get("rope_theta", 1e4),
             max_seq_len=cfg.get("max_position_embeddings", 32768),
             sliding_window=cfg.get("sliding_window"),
             tie_embeddings=cfg.get("tie_word_embeddings", False),
@@ -72,7 +76,7 @@ class ModelArgs:
             if f.exists():
                 try:
                     return reader(json.loads(f.read_text()))
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                     raise UserError(f"{f} is not a valid model config ({type(e).__name__}: {e}); re-download or fix it")
         raise UserError(f"{path} has no config.json or params.json; point --model at a model directory")
 

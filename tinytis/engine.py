@@ -30,16 +30,21 @@ class Generation:
         return sum(len(t) for t in self.tokens)
 
 
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs (B, V) -> unnormalised probs (B, V) restricted to the smallest top set with mass >= top_p."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # drop a token when the tokens ranked above it already cover top_p
+    drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
     """logits (B, V) -> token ids (B,): greedy, or temperature + nucleus (top-p) sampling."""
     if params.temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / params.temperature, dim=-1)
     if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # drop a token when the tokens ranked above it already cover top_p
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+        probs = nucleus(probs, params.top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -62,9 +67,10 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     cache: an empty cache for these prompts (default: a dense one). on_token(b, id) is called as
     each token of prompt b is produced, for streaming.
     """
-    ids, positions = left_pad(prompts)
+    weight = model.tok_embeddings.weight
+    ids, positions = (t.to(weight.device) for t in left_pad(prompts))
     B, T = ids.shape
-    dtype = model.tok_embeddings.weight.dtype
+    dtype = weight.dtype
     if cache is None:
         cache = DenseKVCache(model.args, B, T + params.max_new_tokens, dtype, ids.device)
     generator = torch.Generator(device=ids.device).manual_seed(params.seed)

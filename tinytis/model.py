@@ -176,7 +176,7 @@ class Transformer(nn.Module):
             model = cls(args)
         expected = dict(model.named_parameters())
         loaded = set()
-        for name, tensor in checkpoint.tensors(args):
+        for name, tensor in checkpoint.tensors(args, dtype):
             if name == "output.weight" and args.tie_embeddings:
                 continue  # tied to tok_embeddings below
             if name not in expected:
@@ -186,7 +186,7 @@ class Transformer(nn.Module):
                     f"{path}: weight {name} has shape {tuple(tensor.shape)} but config implies {tuple(expected[name].shape)}; "
                     "config and weights do not belong together"
                 )
-            model.load_state_dict({name: tensor.to(dtype)}, strict=False, assign=True)
+            model.load_state_dict({name: tensor}, strict=False, assign=True)
             loaded.add(name)
         if args.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight

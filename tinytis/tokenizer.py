@@ -34,25 +34,42 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
 
+    def is_plain(self, token_id: int) -> bool:
+        """A text piece: not a control token, <unk> or a byte-fallback byte."""
+        return not (self.sp.is_control(token_id) or self.sp.is_unknown(token_id) or self.sp.is_byte(token_id))
+
 
 class StreamDecoder:
     """Turns generated ids into text pieces as they arrive.
 
     Decoding ids one by one would lose sentencepiece's word-boundary spaces and split multi-byte
-    characters built from byte-fallback pieces. So each step decodes the ids since the last
-    emitted boundary and emits only what has become stable: text ending in U+FFFD is a character
-    still waiting for its remaining bytes and is held back.
+    characters built from byte-fallback pieces. So each step decodes the ids since the last plain
+    piece (the text after a plain piece does not depend on what came before it) and emits only
+    what has become stable: text ending in U+FFFD is a character still waiting for its remaining
+    bytes and is held back until more ids arrive or flush() is called.
     """
 
     def __init__(self, tokenizer: Tokenizer, prefix: list[int] = ()):
         self.tokenizer = tokenizer
-        self.ids = list(prefix[-1:])  # one token of context so the first piece keeps its leading space
-        self.emitted = len(tokenizer.decode(self.ids))
+        self._restart(list(prefix))  # the prompt's last plain piece gives the first piece its leading space
+
+    def _restart(self, ids: list[int]):
+        """Keep ids from the last plain piece on; their text counts as emitted."""
+        plain = [i for i, t in enumerate(ids) if self.tokenizer.is_plain(t)]
+        self.ids = ids[plain[-1] :] if plain else ids
+        self.emitted = len(self.tokenizer.decode(self.ids))
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
-        new, self.emitted = text[self.emitted :], len(text)
+        new = text[self.emitted :]
+        self._restart(self.ids)
+        return new
+
+    def flush(self) -> str:
+        """The text held back at the end of generation (an incomplete character decodes as U+FFFD)."""
+        new = self.tokenizer.decode(self.ids)[self.emitted :]
+        self._restart(self.ids)
         return new

@@ -7,6 +7,7 @@ keep their names and have the rows of wq/wk permuted from interleaved pairs to h
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -81,9 +82,12 @@ class Checkpoint:
 
     def __init__(self, path: Path):
         self.path = path
-        if (path / "model.safetensors.index.json").exists():
-            index = json.loads((path / "model.safetensors.index.json").read_text())
-            files = sorted(set(index["weight_map"].values()))
+        index_file = path / "model.safetensors.index.json"
+        if index_file.exists():
+            try:
+                files = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise UserError(f"{index_file} is not a valid shard index ({type(e).__name__}: {e}); download it again")
             self.layout = "hf"
         elif (path / "model.safetensors").exists():
             files, self.layout = ["model.safetensors"], "hf"
@@ -92,28 +96,46 @@ class Checkpoint:
         else:
             raise UserError(f"{path} has no model.safetensors, sharded index or consolidated.safetensors; it holds no weights")
         self.files = [path / f for f in files]
+        missing = [f.name for f in self.files if not f.exists()]
+        if missing:
+            raise UserError(f"{path}: shard {missing[0]} named by the index is missing ({len(missing)} missing); download it again")
 
-    def tensors(self, args: ModelArgs):
-        """Yield (tinytis name, tensor) for every weight, converted to tinytis' RoPE convention."""
+    def tensors(self, args: ModelArgs, dtype: torch.dtype | None = None):
+        """Yield (tinytis name, tensor) for every weight, in dtype (default: as stored), converted to
+        tinytis' RoPE convention.
+
+        Each tensor is copied out of a mapping opened for it alone: the file pages it touched leave
+        the resident set when that mapping closes, so loading holds about one copy of the model.
+        """
         for file in self.files:
-            try:
-                with safe_open(file, framework="pt") as f:
-                    for name in f.keys():
-                        yield from self._convert(name, f.get_tensor(name), args)
-            except (SafetensorError, OSError) as e:
-                raise UserError(f"cannot read {file}: {e}; the file is truncated or corrupt, download it again")
+            with _open(file) as f:
+                names = list(f.keys())
+            for name in names:
+                with _open(file) as f:
+                    tensor = f.get_tensor(name)
+                    tensor = tensor.to(dtype or tensor.dtype, copy=True)
+                yield from self._convert(name, tensor, args)
 
     def _convert(self, name: str, tensor: torch.Tensor, args: ModelArgs):
         if self.layout == "hf":
-            target = hf_to_tinytis(name)
-            if target is not None:  # rotary inv_freq buffers and the like are recomputed, not loaded
-                yield target, tensor
+            if not name.endswith("rotary_emb.inv_freq"):  # recomputed from rope_theta, not loaded
+                yield hf_to_tinytis(name) or name, tensor  # an unknown name is reported by the caller
             return
         if name.endswith("attention.wq.weight"):
             tensor = interleaved_to_halves(tensor, args.n_heads)
         elif name.endswith("attention.wk.weight"):
             tensor = interleaved_to_halves(tensor, args.n_kv_heads)
         yield name, tensor
+
+
+@contextmanager
+def _open(file: Path):
+    """safe_open, with a broken file reported as a UserError."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"cannot read {file}: {e}; the file is truncated or corrupt, download it again")
 
 
 def save_hf(state_dict: dict, path: Path, args: ModelArgs):

@@ -1,0 +1,106 @@
+"""Generate text with a Mistral-architecture model: stream the answer, then print cache statistics.
+
+    python generate.py --prompt-file examples/hello.txt
+    python generate.py --model mistralai/Mistral-7B-v0.3 --dtype bfloat16 --prompt "The capital of France is"
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from tinytis.engine import SamplingParams, generate
+from tinytis.errors import ArgumentParser, UserError, run_cli
+from tinytis.model import Transformer
+from tinytis.tokenizer import StreamDecoder, Tokenizer
+from tinytis.weights import resolve_model_dir
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "tiny"
+
+
+def budget(text: str) -> float | int:
+    """--budget: a fraction of the prompt in (0, 1] or an absolute token count (integer > 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if 0 < value <= 1:
+        return value
+    if value > 1 and value.is_integer() and "." not in text:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"budget {text!r} is neither a fraction in (0, 1] nor an integer token count > 1")
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description="Generate text with a Mistral-architecture model.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt-file", type=Path, help="file holding the prompt text")
+    source.add_argument("--prompt", help="the prompt text itself")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="model directory or Hugging Face hub id (default: models/tiny)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--budget", type=budget, help="KV budget per (layer, KV head): fraction of the prompt or token count")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error(f"argument --max-new-tokens: must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        p.error(f"argument --temperature: must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        p.error(f"argument --top-p: must be in (0, 1], got {args.top_p}")
+    return args
+
+
+def read_prompt(args) -> str:
+    if args.prompt_file is not None:
+        try:
+            text = args.prompt_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"prompt file {args.prompt_file} does not exist; check --prompt-file")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read prompt file {args.prompt_file}: {e}")
+    else:
+        text = args.prompt
+    if not text.strip():
+        raise UserError("the prompt is empty; give some text with --prompt or --prompt-file")
+    return text
+
+
+def model_dir(model: str) -> Path:
+    if model == str(DEFAULT_MODEL) and not (DEFAULT_MODEL / "config.json").exists():
+        raise UserError(f"the default model {DEFAULT_MODEL} is not there yet (it is being trained); pass --model DIR or a hub id")
+    return resolve_model_dir(model)
+
+
+def stats_line(gen) -> str:
+    new = gen.new_tokens
+    prefill = gen.prompt_tokens / gen.prefill_s if gen.prefill_s > 0 else float("inf")
+    decode = new / gen.decode_s if gen.decode_s > 0 else float("inf")
+    return (
+        f"[tinytis] prompt tokens {gen.prompt_tokens} | new tokens {new} | prefill {prefill:.1f} tok/s | "
+        f"decode {decode:.1f} tok/s | KV held {gen.kv_bytes / 2**20:.2f} MiB ({gen.kv_bytes} bytes)"
+    )
+
+
+def main():
+    args = parse_args()
+    prompt = read_prompt(args)
+    path = model_dir(args.model)
+    model = Transformer.from_pretrained(path, getattr(torch, args.dtype))
+    tokenizer = Tokenizer.from_dir(path)
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise UserError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}")
+    if args.budget is not None:
+        print("note: --budget is validated but not applied yet; the cache is dense", file=sys.stderr)
+    ids = tokenizer.encode(prompt)
+    stream = StreamDecoder(tokenizer, ids)
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    gen = generate(model, [ids], params, tokenizer.eos_id, on_token=lambda b, t: print(stream.push(t), end="", flush=True))
+    print(stream.flush())
+    print(stats_line(gen))
+
+
+if __name__ == "__main__":
+    run_cli(main)
