@@ -1,12 +1,14 @@
 """Train the embedded tiny model and the learned eviction components, on this machine's CPU.
 
     python train.py base      # tokenizer + Mistral-architecture model from scratch -> models/tiny
+    python train.py oracle    # TIS stage 1: importance head supervised by oracle attention mass
+    python train.py [ert]     # TIS stage 3: oracle warm start, then ERT -> models/tiny/tis_components.pt
 """
 import json
 import math
 import os
 import random
-import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tinytis.config import ModelArgs
+from tinytis.engine import left_pad
+from tinytis.ert import ContextKV, alignment_loss, kl_full_evicted, soft_keep_log_mask
+from tinytis.importance import COMPONENTS_FILE, TIS
 from tinytis.errors import ArgumentParser, UserError, run_cli
 from tinytis.model import Transformer
 from tinytis.tasks import Sample, training
@@ -202,20 +207,156 @@ def train_base(args):
     print(f"saved {out}")
 
 
+# ---------------------------------------------------------------------------- TIS (oracle stage and ERT)
+
+TIS_FAMILIES = ["recall", "passkey", "varied", "multikey", "narrative", "litm"]
+TIS_BUDGETS = (0.05, 0.1, 0.25, 0.5, 0.75)
+TIS_TOKENS_PER_STEP = 8192
+
+
+def context_batch(tok: Tokenizer, samples: list[Sample]):
+    """Left-padded contexts and right-padded continuations (question + answer + EOS) that follow them.
+
+    -> ctx_ids, ctx_pos (B, C); cont_ids, cont_pos (B, T); cont_mask (B, T): positions whose next
+    token is part of the continuation (the ones the KL is taken over)."""
+    ctx_ids, ctx_pos = left_pad([tok.encode(s.context) for s in samples])
+    conts = [tok.encode(s.question, bos=False) + tok.encode(s.answer, bos=False, eos=True) for s in samples]
+    T = max(len(c) for c in conts)
+    cont_ids = torch.full((len(samples), T), tok.eos_id, dtype=torch.long)
+    for b, c in enumerate(conts):
+        cont_ids[b, : len(c)] = torch.tensor(c)
+    cont_pos = ctx_pos[:, -1:] + 1 + torch.arange(T)  # padding after EOS gets real positions; it is never scored
+    cont_mask = torch.arange(T)[None] < torch.tensor([len(c) - 1 for c in conts])[:, None]
+    return ctx_ids, ctx_pos, cont_ids, cont_pos, cont_mask
+
+
+def tis_losses(model, tis, batch, budget: float, anchors: tuple[int, int]):
+    """(alignment, KL(full || evicted)) for one batch; the base model is frozen, only `tis` gets gradients."""
+    ctx_ids, ctx_pos, cont_ids, cont_pos, cont_mask = batch
+    cache = ContextKV()
+    with torch.no_grad():
+        hidden = model.hidden_states(ctx_ids, ctx_pos, cache)
+        teacher = model(cont_ids, cont_pos, cache)
+        labels = cache.mass
+    scores = tis(hidden, ctx_ids)
+    align = alignment_loss(scores, labels, ctx_pos, *anchors)
+    cache.key_bias = tis.attn_hook_lambda * soft_keep_log_mask(scores, ctx_pos, budget, *anchors)
+    student = model(cont_ids, cont_pos, cache)
+    return align, kl_full_evicted(teacher, student, cont_mask)
+
+
+@torch.no_grad()
+def evaluate_tis(model, tis, tok, budget: float, anchors, n: int = 32, length: int = 1024) -> float:
+    """Teacher-forced answer accuracy under hard eviction at `budget` on held-out samples."""
+    rng = random.Random(EVAL_SEEDS.start + 7)
+    count = lambda s: len(tok.encode(s, bos=False))
+    hits = []
+    for _ in range(0, n, 8):
+        samples = [training.sample(rng, length, count, TIS_FAMILIES) for _ in range(8)]
+        ctx_ids, ctx_pos, cont_ids, cont_pos, cont_mask = context_batch(tok, samples)
+        cache = ContextKV()
+        hidden = model.hidden_states(ctx_ids, ctx_pos, cache)
+        log_m = soft_keep_log_mask(tis(hidden, ctx_ids), ctx_pos, budget, *anchors, temperature=1e-4)
+        cache.key_bias = torch.where(log_m > math.log(0.5), 0.0, float("-inf"))
+        logits = model(cont_ids, cont_pos, cache)
+        answer_start = torch.tensor([len(tok.encode(s.question, bos=False)) - 1 for s in samples])[:, None]
+        y = torch.cat((cont_ids[:, 1:], cont_ids[:, -1:]), dim=1).masked_fill(~cont_mask, -100)
+        y = y.masked_fill(torch.arange(y.shape[1])[None] < answer_start, -100)
+        hits.append(answer_accuracy(logits, y))
+    return torch.cat(hits).mean().item()
+
+
+def train_tis(args):
+    model_dir, run = Path(args.model), Path(args.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    model = Transformer.from_pretrained(model_dir).requires_grad_(False)
+    tok = Tokenizer.from_dir(model_dir)
+    count = lambda s: len(tok.encode(s, bos=False))
+    anchors = (args.n_sink, args.n_recent)
+    torch.manual_seed(args.seed)
+    command = "python train.py " + args.stage + "".join(f" --{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
+                                                    if k not in ("stage", "resume", "threads"))
+    tis = TIS(model.args, meta={"base_model": str(model_dir), "anchors": {"n_sink": args.n_sink, "n_recent": args.n_recent},
+                                "budgets": list(TIS_BUDGETS), "stage": args.stage, "command": command})
+    opt = torch.optim.AdamW(tis.parameters(), lr=args.lr, weight_decay=0.0)
+    oracle_steps = args.steps if args.stage == "oracle" else args.oracle_steps
+    total = args.steps if args.stage == "oracle" else args.oracle_steps + args.steps
+    state = {"step": 0, "rng": random.Random(args.seed).getstate(), "log": []}
+    ckpt = run / f"tis_{args.stage}.pt"
+    if args.resume:
+        if not ckpt.exists():
+            raise UserError(f"--resume: no checkpoint at {ckpt}; start without --resume")
+        saved = torch.load(ckpt, weights_only=False)
+        tis.load_state_dict(saved["tis"])
+        opt.load_state_dict(saved["opt"])
+        state = saved["state"]
+    rng = random.Random()
+    rng.setstate(state["rng"])
+    bar = tqdm(total=total, initial=state["step"], desc=args.stage)
+    last_save = time.time()
+    while state["step"] < total:
+        length = rng.randint(args.min_len, args.max_len)
+        samples = [training.sample(rng, length, count, TIS_FAMILIES) for _ in range(max(1, TIS_TOKENS_PER_STEP // length))]
+        budget = rng.choice(TIS_BUDGETS)
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(state["step"], total, args.lr, warmup=20)
+        align, kl = tis_losses(model, tis, context_batch(tok, samples), budget, anchors)
+        oracle_phase = state["step"] < oracle_steps
+        loss = align if oracle_phase else kl + args.lambda_align * align
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tis.parameters(), 1.0)
+        opt.step()
+        state["step"] += 1
+        bar.update(1)
+        bar.set_postfix(phase="oracle" if oracle_phase else "ert", b=budget, align=f"{align.item():.3f}", kl=f"{kl.item():.4f}")
+        if state["step"] % args.eval_every == 0 or state["step"] == total:
+            accs = {b: evaluate_tis(model, tis, tok, b, anchors) for b in (0.05, 0.1, 0.25)}
+            state["log"].append({"step": state["step"], "align": align.item(), "kl": kl.item(), "acc": accs})
+            tqdm.write(f"[{args.stage} {state['step']}] align {align.item():.3f} kl {kl.item():.4f} held-out acc by budget {accs}")
+        if time.time() - last_save > args.save_every_s or state["step"] == total:
+            state["rng"] = rng.getstate()
+            save_atomic({"tis": tis.state_dict(), "opt": opt.state_dict(), "state": state}, ckpt)
+            last_save = time.time()
+    bar.close()
+    out = Path(args.out or model_dir / COMPONENTS_FILE)
+    tis.meta["log"] = state["log"]
+    tis.save(out)
+    print(f"saved {out}")
+
+
 def main():
     parser = ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="stage", required=True)
+    sub = parser.add_subparsers(dest="stage")
     base = sub.add_parser("base", help="train the tokenizer and the tiny base model from scratch")
     base.add_argument("--out", default="models/tiny", help="model directory to write (HF layout)")
-    base.add_argument("--run-dir", default="runs", help="where checkpoints for --resume live")
-    base.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --run-dir")
-    base.add_argument("--seed", type=int, default=0)
     base.add_argument("--eval-every", type=int, default=400, help="steps between held-out evaluations")
-    base.add_argument("--save-every-s", type=float, default=180, help="seconds between checkpoints")
-    base.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    for name, help in (("oracle", "TIS stage 1: supervise the importance head with oracle labels"),
+                       ("ert", "TIS stage 3: oracle warm start, then KL(full || evicted) + alignment")):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--model", default="models/tiny", help="frozen base model directory")
+        p.add_argument("--out", default=None, help=f"components file to write (default: MODEL/{COMPONENTS_FILE})")
+        p.add_argument("--steps", type=int, default=600 if name == "ert" else 400)
+        p.add_argument("--lr", type=float, default=3e-3)
+        p.add_argument("--min-len", type=int, default=256)
+        p.add_argument("--max-len", type=int, default=2048)
+        p.add_argument("--n-sink", type=int, default=4, help="first tokens always kept")
+        p.add_argument("--n-recent", type=int, default=8, help="last context tokens always kept")
+        p.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations")
+        if name == "ert":
+            p.add_argument("--oracle-steps", type=int, default=200, help="alignment-only warm-start steps first")
+            p.add_argument("--lambda-align", type=float, default=0.1, help="weight of the alignment term")
+    for p in sub.choices.values():
+        p.add_argument("--run-dir", default="runs", help="where checkpoints for --resume live")
+        p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --run-dir")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--save-every-s", type=float, default=180, help="seconds between checkpoints")
+        p.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(sys.argv[1:] or ["ert"])
+    if args.stage is None:
+        parser.error("name a stage first: base, oracle or ert")
     torch.set_num_threads(args.threads)
-    {"base": train_base}[args.stage](args)
+    {"base": train_base, "oracle": train_tis, "ert": train_tis}[args.stage](args)
 
 
 if __name__ == "__main__":

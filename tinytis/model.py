@@ -41,33 +41,34 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def attention_mask(q_pos, k_pos, sliding_window: int | None):
-    """Which keys each query sees: (B, Tq), (B, Tk) -> bool (B, 1, Tq, Tk).
+def attention_mask(q_pos, k_pos, sliding_window: int | None, dtype=torch.float32):
+    """Which keys each query sees, as an additive mask: (B, Tq), (B, Tk) -> (B, 1, Tq, Tk), 0 or -inf.
 
     A key is visible when it is not after the query (and within the sliding window). Position -1
     marks padding: padded queries see only padded keys, so no row of the softmax is empty.
+    The mask is built once per forward and shared by all layers (an additive float mask is also
+    cheaper for SDPA than a boolean one).
     """
     q, k = q_pos[:, None, :, None], k_pos[:, None, None, :]
     visible = (k <= q) & ((k >= 0) | (q < 0))
     if sliding_window is not None:
         visible &= q - k < sliding_window
-    return visible
+    return torch.zeros(visible.shape, dtype=dtype, device=q_pos.device).masked_fill(~visible, float("-inf"))
 
 
 def attend(q, k, v, mask=None, key_bias=None):
-    """Grouped-query attention. q: (B, H, Tq, D); k, v: (B, KV, Tk, D); mask: bool (B, 1, Tq, Tk) or None
+    """Grouped-query attention. q: (B, H, Tq, D); k, v: (B, KV, Tk, D); mask: additive (B, 1, Tq, Tk), or None
     for causal over a full sequence; key_bias: (B, KV, Tk) added to the logits of every query of the group."""
     if key_bias is None and mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     if mask is None:
         Tq, Tk = q.shape[2], k.shape[2]
-        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)[None, None]
-    if key_bias is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    group = q.shape[1] // k.shape[1]
-    bias = key_bias.repeat_interleave(group, dim=1)[:, :, None, :].to(q.dtype)  # (B, H, 1, Tk)
-    bias = bias.masked_fill(~mask, float("-inf"))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+        causal = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+        mask = torch.zeros(Tq, Tk, dtype=q.dtype, device=q.device).masked_fill(~causal, float("-inf"))[None, None]
+    if key_bias is not None:
+        group = q.shape[1] // k.shape[1]
+        mask = mask + key_bias.repeat_interleave(group, dim=1)[:, :, None, :].to(q.dtype)  # (B, H, Tq, Tk)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 class Attention(nn.Module):
@@ -151,9 +152,9 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
             if self.args.sliding_window is not None:
-                mask = attention_mask(positions, positions, self.args.sliding_window)
+                mask = attention_mask(positions, positions, self.args.sliding_window, x.dtype)
         elif cache is None:
-            mask = attention_mask(positions, positions, self.args.sliding_window)
+            mask = attention_mask(positions, positions, self.args.sliding_window, x.dtype)
         if cache is not None:
             cache.begin_forward(positions)
         cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, x.dtype)
