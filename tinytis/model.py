@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tinytis import nf4
 from tinytis.config import ModelArgs
 from tinytis.errors import UserError
 from tinytis.weights import Checkpoint
@@ -169,13 +170,20 @@ class Transformer(nn.Module):
         return self.logits(self.hidden_states(ids, positions, cache, key_bias))
 
     @classmethod
-    def from_pretrained(cls, path: Path, dtype=torch.float32) -> "Transformer":
-        """Build the model on the meta device and fill it one checkpoint tensor at a time."""
+    def from_pretrained(cls, path: Path, dtype=torch.float32, quant: str | None = None) -> "Transformer":
+        """Build the model on the meta device and fill it one checkpoint tensor at a time.
+
+        quant="nf4" quantizes the Linear layers of the blocks as their weights arrive, so loading holds
+        the NF4 model plus one dense tensor. Weights saved in NF4 by transformers + bitsandbytes load as NF4.
+        """
+        if quant not in (None, "nf4"):
+            raise UserError(f"quant={quant!r}: tinytis quantizes to 'nf4' only")
         args = ModelArgs.from_dir(path)
         checkpoint = Checkpoint(path)
         with torch.device("meta"):
             model = cls(args)
         expected = dict(model.named_parameters())
+        quantized = nf4.block_linear_names(model) if quant == "nf4" else set()
         loaded = set()
         for name, tensor in checkpoint.tensors(args, dtype):
             if name == "output.weight" and args.tie_embeddings:
@@ -187,7 +195,10 @@ class Transformer(nn.Module):
                     f"{path}: weight {name} has shape {tuple(tensor.shape)} but config implies {tuple(expected[name].shape)}; "
                     "config and weights do not belong together"
                 )
-            model.load_state_dict({name: tensor}, strict=False, assign=True)
+            if isinstance(tensor, nf4.NF4Weight) or name in quantized:
+                nf4.load_linear(model, name, tensor, dtype)
+            else:
+                model.load_state_dict({name: tensor}, strict=False, assign=True)
             loaded.add(name)
         if args.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight

@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from tinytis import nf4
 from tinytis.config import ModelArgs
 from tinytis.errors import UserError
 
@@ -111,9 +112,10 @@ class Checkpoint:
             with _open(file) as f:
                 names = list(f.keys())
             for name in names:
+                if name.endswith(nf4.BNB_SUFFIXES):
+                    continue  # the quantization state of an NF4 weight, read with the weight
                 with _open(file) as f:
-                    tensor = f.get_tensor(name)
-                    tensor = tensor.to(dtype or tensor.dtype, copy=True)
+                    tensor = _read(f, name, names, dtype)
                 yield from self._convert(name, tensor, args)
 
     def _convert(self, name: str, tensor: torch.Tensor, args: ModelArgs):
@@ -126,6 +128,15 @@ class Checkpoint:
         elif name.endswith("attention.wk.weight"):
             tensor = interleaved_to_halves(tensor, args.n_kv_heads)
         yield name, tensor
+
+
+def _read(f, name: str, names: list, dtype: torch.dtype | None):
+    """A copy of one tensor in dtype; for a weight saved in NF4 by transformers + bitsandbytes, its NF4Weight as stored."""
+    if name + nf4.BNB_SUFFIXES[-1] not in names:
+        tensor = f.get_tensor(name)
+        return tensor.to(dtype or tensor.dtype, copy=True)
+    parts = {s: f.get_tensor(name + s).clone() for s in ("",) + nf4.BNB_SUFFIXES if name + s in names}
+    return nf4.NF4Weight.from_bnb(parts, name)
 
 
 @contextmanager

@@ -1,0 +1,54 @@
+"""Kernel dispatch, chosen once at import: Triton on CUDA, the torch reference everywhere else.
+
+TINYTIS_KERNELS=torch|triton overrides the choice. Triton kernels run on CUDA tensors, or on CPU
+tensors when TRITON_INTERPRET=1 was set before triton was imported (how the tests check them).
+Each kernel module holds its Triton kernel and its torch reference side by side.
+"""
+import os
+
+import torch
+
+from kernels._triton import AVAILABLE as TRITON_AVAILABLE
+from kernels.nf4_matmul import nf4_matmul_ref, nf4_matmul_triton
+from kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
+from kernels.rope_cache import rope_cache_write_ref, rope_cache_write_triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _choose() -> str:
+    choice = os.environ.get("TINYTIS_KERNELS")
+    if choice is None:
+        return "triton" if TRITON_AVAILABLE and torch.cuda.is_available() else "torch"
+    if choice not in ("torch", "triton"):
+        raise ValueError(f"TINYTIS_KERNELS={choice!r}: expected 'torch' or 'triton'")
+    if choice == "triton" and not TRITON_AVAILABLE:
+        raise ValueError("TINYTIS_KERNELS=triton but triton is not installed (pip install triton, or the gpu extra)")
+    return choice
+
+
+BACKEND = _choose()
+
+
+def _triton_for(t: torch.Tensor) -> bool:
+    """Whether a call on tensor t goes to Triton: backend triton and t on CUDA (or the interpreter on)."""
+    return BACKEND == "triton" and (t.is_cuda or INTERPRET)
+
+
+def nf4_matmul(x, w):
+    """y = x @ dequantize(w).T for x (..., K) and an NF4Weight w (N, K) -> (..., N) in x.dtype."""
+    if _triton_for(x) and w.shape[1] % 64 == 0:
+        return nf4_matmul_triton(x, w)
+    return nf4_matmul_ref(x, w)
+
+
+def rope_cache_write(q, k, v, positions, inv_freq, k_pool, v_pool, slots):
+    """RoPE on q and k at their positions, k and v written into their pool slots; returns rotated q."""
+    fn = rope_cache_write_triton if _triton_for(q) else rope_cache_write_ref
+    return fn(q, k, v, positions, inv_freq, k_pool, v_pool, slots)
+
+
+def paged_decode_attention(q, k_pool, v_pool, page_table, lengths, scale, need_mass=True):
+    """One query per sequence over per-(sequence, KV head) page tables -> (out, mass or None)."""
+    fn = paged_decode_attention_triton if _triton_for(q) else paged_decode_attention_ref
+    return fn(q, k_pool, v_pool, page_table, lengths, scale, need_mass)

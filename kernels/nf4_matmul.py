@@ -1,0 +1,136 @@
+"""Fused NF4 dequantize + matmul: y = x @ W.T for x (M, K) and W (N, K) in the bitsandbytes NF4 format.
+
+W is never materialized: each program reads a (BLOCK_N, BLOCK_K) tile of packed codes (half a byte
+per weight) and its absmax values, dequantizes it in registers and multiplies.
+
+- gemv path (decode, M <= 8): a program dequantizes its W tile once and applies it to all M rows of
+  x. K is split over SPLIT_K programs whose fp32 partial sums are atomically added into the output
+  (GemLite's split-K gemv pattern), so even a 4096 x 1024 matrix gives enough programs to fill the
+  GPU and the weight is streamed at close to memory bandwidth.
+- gemm path (prefill): a tiled matmul whose W tile is dequantized, cast to x's dtype, then tl.dot.
+
+Dequantization of element (n, k), i = n * K + k (K a multiple of 64, so blocks do not cross rows):
+    code  = high nibble of packed[i // 2] if k is even, else the low nibble
+    scale = absmax[i // 64], or, double-quantized,
+            DYNAMIC_CODE[absmax_u8[i // 64]] * nested_absmax[i // (64 * 256)] + offset
+    w     = NF4_CODE[code] * scale
+"""
+import torch
+import torch.nn.functional as F
+
+from kernels._triton import tl, triton
+from tinytis import nf4
+
+GEMV_MAX_M = 8
+
+
+def nf4_matmul_ref(x: torch.Tensor, w) -> torch.Tensor:
+    """Torch reference and CPU path: dequantize W to x's dtype, then F.linear (what bitsandbytes does off GPU)."""
+    return F.linear(x, nf4.dequantize(w, x.dtype))
+
+
+@triton.jit
+def _dequant_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_code_ptr, rows, k0, N, K,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """W[rows, k0 : k0 + BLOCK_K] as fp32 (BLOCK_N, BLOCK_K); 0 outside W. rows: (BLOCK_N,) int64."""
+    # packed codes: (BLOCK_N, BLOCK_K // 2) bytes -> (BLOCK_N, BLOCK_K) codes, high nibble first
+    kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    byte_mask = (rows[:, None] < N) & (kb[None, :] < K // 2)
+    byte = tl.load(packed_ptr + rows[:, None] * (K // 2) + kb[None, :], mask=byte_mask, other=0)
+    codes = tl.interleave(byte >> 4, byte & 0xF).to(tl.int32)
+    w = tl.load(code_ptr + codes)  # NF4 value of each code, from the 16-entry table
+
+    # one scale per 64 weights: (BLOCK_N, BLOCK_K // 64)
+    kblk = k0 // 64 + tl.arange(0, BLOCK_K // 64)
+    blk_mask = (rows[:, None] < N) & (kblk[None, :] < K // 64)
+    blk = rows[:, None] * (K // 64) + kblk[None, :]
+    if DOUBLE_QUANT:
+        a = tl.load(absmax_ptr + blk, mask=blk_mask, other=0).to(tl.int32)
+        scale = tl.load(dyn_code_ptr + a) * tl.load(nested_ptr + blk // 256, mask=blk_mask, other=0.0) + tl.load(offset_ptr)
+        scale = tl.where(blk_mask, scale, 0.0)
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=blk_mask, other=0.0)
+    w = tl.reshape(w, (BLOCK_N, BLOCK_K // 64, 64)) * scale[:, :, None]
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_code_ptr, out_ptr,
+                 M, N, K, K_PER_SPLIT,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """out[:M, n-tile] += x[:M, k-split] @ W[n-tile, k-split].T; grid (cdiv(N, BLOCK_N), SPLIT_K)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BLOCK_M)
+    k_start = tl.program_id(1) * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        w = _dequant_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_code_ptr, rows, k0, N, K,
+                          BLOCK_N, BLOCK_K, DOUBLE_QUANT)  # (BLOCK_N, BLOCK_K)
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & (k[None, :] < k_end), other=0.0)
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)  # (BLOCK_M, BLOCK_N)
+    mask = (m[:, None] < M) & (rows[None, :] < N)
+    tl.atomic_add(out_ptr + m[:, None] * N + rows[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_code_ptr, out_ptr,
+                 M, N, K,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """out[m-tile, n-tile] = x[m-tile] @ W[n-tile].T; grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))."""
+    m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
+        w = _dequant_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_code_ptr, rows, k0, N, K,
+                          BLOCK_N, BLOCK_K, DOUBLE_QUANT)
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
+    mask = (m[:, None] < M) & (rows[None, :] < N)
+    tl.store(out_ptr + m[:, None] * N + rows[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _code_tables(device) -> tuple[torch.Tensor, torch.Tensor]:
+    if device not in _CODE_TABLES:
+        _CODE_TABLES[device] = (nf4.NF4_CODE.to(device), nf4.DYNAMIC_CODE.to(device))
+    return _CODE_TABLES[device]
+
+
+_CODE_TABLES = {}
+
+
+def nf4_matmul_triton(x: torch.Tensor, w, split_k: int | None = None, block_n: int = 32, block_k: int = 256) -> torch.Tensor:
+    """Triton y = x @ W.T: x (..., K) -> (..., N) in x.dtype. K must be a multiple of 64.
+
+    split_k: number of K slices of the gemv path (default: enough programs for about 4 per SM).
+    """
+    N, K = w.shape
+    assert K % 64 == 0 and x.shape[-1] == K, f"nf4_matmul_triton needs K % 64 == 0 and x (..., {K}), got {tuple(x.shape)}"
+    x2 = x.reshape(-1, K).contiguous()
+    M = x2.shape[0]
+    code, dyn_code = _code_tables(x.device)
+    double = w.nested_absmax is not None
+    # without double quantization the kernel never reads nested_absmax and offset
+    nested, offset = (w.nested_absmax, w.offset) if double else (w.absmax, w.absmax)
+    block_k = min(block_k, triton.next_power_of_2(K))
+    if M <= GEMV_MAX_M:
+        if split_k is None:
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+            split_k = max(1, min(triton.cdiv(4 * sms, triton.cdiv(N, block_n)), K // block_k))
+        k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+        out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
+        grid = (triton.cdiv(N, block_n), triton.cdiv(K, k_per_split))
+        _gemv_kernel[grid](x2, w.packed, w.absmax, nested, offset, code, dyn_code, out, M, N, K, k_per_split,
+                           BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k, DOUBLE_QUANT=double)
+        out = out.to(x.dtype)
+    else:
+        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        block_m, block_n, block_k = 64, 64, 64
+        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+        _gemm_kernel[grid](x2, w.packed, w.absmax, nested, offset, code, dyn_code, out, M, N, K,
+                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOUBLE_QUANT=double,
+                           PRECISION="ieee" if x.dtype == torch.float32 else None)
+    return out.view(*x.shape[:-1], N)

@@ -1,0 +1,219 @@
+"""NF4 weights in the bitsandbytes format, and the Linear layer that runs on them.
+
+The format (bitsandbytes quant_type="nf4", blocksize 64, as transformers saves it):
+  - the weight (N, K) is flattened row-major and cut into blocks of 64 values;
+  - absmax[b] = max |w| over block b, and each w / absmax[b] becomes the index (0..15) of the
+    nearest of the 16 NF4 code values;
+  - two indices per byte, the first element in the HIGH nibble: packed = q[0::2] << 4 | q[1::2];
+  - double quantization (bitsandbytes' compress_statistics): offset = absmax.mean(), and
+    absmax - offset is quantized in blocks of 256 to uint8 indices into the signed 8-bit dynamic
+    map, with one fp32 nested_absmax per block of 256:
+        absmax[i] = DYNAMIC_CODE[absmax_u8[i]] * nested_absmax[i // 256] + offset
+    4.127 bits per weight with it, 4.5 without.
+"""
+import json
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from tinytis.errors import UserError
+
+BLOCK = 64  # weights per absmax
+NESTED_BLOCK = 256  # absmax values per nested absmax
+
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+], dtype=torch.float32)
+
+
+def _dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map: 256 sorted values in [-1, 1].
+
+    For e = 0..6: the 2**e midpoints of linspace(0.1, 1, 2**e + 1), scaled by 10**(e - 6), with
+    both signs; plus 0 and 1.
+    """
+    values = [0.0, 1.0]
+    for e in range(7):
+        edges = torch.linspace(0.1, 1, 2**e + 1, dtype=torch.float32)
+        scaled = 10 ** (e - 6) * ((edges[:-1] + edges[1:]) / 2.0)
+        values += scaled.tolist() + (-scaled).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+DYNAMIC_CODE = _dynamic_map()
+
+# the keys transformers writes next to `<name>.weight` for one NF4 Linear
+BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4")
+
+
+@dataclass
+class NF4Weight:
+    """One NF4-quantized weight of logical shape (N, K), stored as bitsandbytes stores it."""
+
+    packed: torch.Tensor  # uint8 (ceil(N*K/2),): two codes per byte, first element in the high nibble
+    absmax: torch.Tensor  # fp32 (n_blocks,), or uint8 (n_blocks,) when double-quantized
+    shape: torch.Size  # (N, K)
+    dtype: torch.dtype  # dtype of the weight before quantization (bitsandbytes' metadata)
+    nested_absmax: torch.Tensor | None = None  # fp32 (ceil(n_blocks / 256),), double quantization only
+    offset: torch.Tensor | None = None  # fp32 (), double quantization only
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    def nbytes(self) -> int:
+        """Bytes held: packed codes, absmax and, when double-quantized, nested absmax and offset."""
+        tensors = [self.packed, self.absmax, self.nested_absmax, self.offset]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def to_bnb(self) -> dict:
+        """The tensors transformers saves for this weight, keyed by suffix ('' is the weight itself)."""
+        state = {"quant_type": "nf4", "blocksize": BLOCK, "dtype": str(self.dtype).removeprefix("torch."),
+                 "shape": list(self.shape)}
+        out = {"": self.packed[:, None], ".absmax": self.absmax, ".quant_map": NF4_CODE.clone()}
+        if self.double_quant:
+            state |= {"nested_blocksize": NESTED_BLOCK, "nested_dtype": "float32", "nested_offset": self.offset.item()}
+            out |= {".nested_absmax": self.nested_absmax, ".nested_quant_map": DYNAMIC_CODE.clone()}
+        out[".quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+        return out
+
+    @classmethod
+    def from_bnb(cls, tensors: dict, name: str = "weight") -> "NF4Weight":
+        """Read the tensors of one weight saved by transformers + bitsandbytes, keyed by suffix as in to_bnb."""
+        state = json.loads(bytes(tensors[".quant_state.bitsandbytes__nf4"].tolist()))
+        nested = state.get("nested_blocksize") is not None
+        if state.get("quant_type") != "nf4" or state.get("blocksize") != BLOCK or (nested and state["nested_blocksize"] != NESTED_BLOCK):
+            raise UserError(f"{name}: quantized as {state.get('quant_type')} with blocksize {state.get('blocksize')}; "
+                            f"tinytis reads NF4 with blocksize {BLOCK} (nested {NESTED_BLOCK}) only")
+        if not torch.equal(tensors[".quant_map"].float(), NF4_CODE) or (nested and not torch.equal(tensors[".nested_quant_map"].float(), DYNAMIC_CODE)):
+            raise UserError(f"{name}: its quant_map is not bitsandbytes' NF4 codebook (or nested map not the dynamic map); the checkpoint is not standard NF4")
+        return cls(
+            packed=tensors[""].reshape(-1).view(torch.uint8),  # quant_storage may be a wider dtype
+            absmax=tensors[".absmax"],
+            shape=torch.Size(state["shape"]),
+            dtype=getattr(torch, state["dtype"]),
+            nested_absmax=tensors[".nested_absmax"].float() if nested else None,
+            offset=torch.tensor(float(state["nested_offset"]), dtype=torch.float32) if nested else None,
+        )
+
+
+def _blocks(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Flatten and zero-pad to whole blocks: (n,) -> (ceil(n / size), size)."""
+    flat = x.reshape(-1)
+    return F.pad(flat, (0, -flat.numel() % size)).view(-1, size)
+
+
+def _midpoints(code: torch.Tensor) -> torch.Tensor:
+    return (code[:-1] + code[1:]) / 2
+
+
+def _quantize_absmax(absmax: torch.Tensor):
+    """Double quantization: absmax (n,) fp32 -> (uint8 (n,), nested_absmax fp32 (ceil(n/256),), offset fp32 ()).
+
+    bitsandbytes' CPU encoder (quantize_blockwise) first rounds each normalized value to a grid of
+    65536 points spanning [-1, 1], then takes the code nearest to that grid point; we do the same so
+    the bytes match. (Its CUDA encoder takes the code nearest to the value itself; the two differ by
+    one code step where a value lies within half a grid step, 1.5e-5 of the block scale, of a midpoint.)
+    """
+    offset = absmax.mean()
+    blocks = _blocks(absmax - offset, NESTED_BLOCK)  # (n_nested, 256)
+    nested = blocks.abs().amax(dim=1)
+    scaled = (blocks * torch.where(nested > 0, 1.0 / nested, 0.0)[:, None]).clamp(-1, 1)
+    grid_index = ((scaled + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int32)
+    grid = -1.0 + (2.0 * grid_index.float()) / 65535.0
+    q = torch.bucketize(grid, _midpoints(DYNAMIC_CODE)).masked_fill((nested == 0)[:, None], 0)
+    return q.to(torch.uint8).view(-1)[: absmax.numel()], nested, offset
+
+
+def dequantize_absmax(w) -> torch.Tensor:
+    """fp32 absmax (n_blocks,) of an NF4Weight (or anything with its fields), undoing double quantization."""
+    if w.nested_absmax is None:
+        return w.absmax
+    code = DYNAMIC_CODE.to(w.absmax.device)[w.absmax.long()]
+    return (_blocks(code, NESTED_BLOCK) * w.nested_absmax[:, None]).view(-1)[: w.absmax.numel()] + w.offset
+
+
+def quantize(w: torch.Tensor, double_quant: bool = True) -> NF4Weight:
+    """Quantize a float tensor to NF4, byte for byte as bitsandbytes.functional.quantize_4bit(quant_type='nf4')."""
+    blocks = _blocks(w.float(), BLOCK)  # (n_blocks, 64), the last block zero-padded
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1)
+    n = w.numel()
+    q = torch.bucketize(scaled, _midpoints(NF4_CODE)).to(torch.uint8).view(-1)[: n + n % 2]
+    packed = q[0::2] << 4 | q[1::2]
+    if not double_quant:
+        return NF4Weight(packed, absmax, w.shape, w.dtype)
+    absmax_u8, nested, offset = _quantize_absmax(absmax)
+    return NF4Weight(packed, absmax_u8, w.shape, w.dtype, nested, offset)
+
+
+def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """uint8 (ceil(n/2),) -> codes int64 (n,), high nibble first."""
+    return torch.stack((packed >> 4, packed & 0xF), dim=-1).view(-1)[:n].long()
+
+
+def dequantize(w, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """NF4Weight (or anything with its fields) -> dense (N, K) in dtype, as bitsandbytes' dequantize_4bit."""
+    n = w.shape.numel()
+    values = NF4_CODE.to(w.packed.device)[unpack(w.packed, n)]
+    out = (_blocks(values, BLOCK) * dequantize_absmax(w)[:, None]).view(-1)[:n]
+    return out.view(w.shape).to(dtype)
+
+
+class Linear4bit(nn.Module):
+    """A bias-free Linear whose weight is held in NF4: y = x @ W.T, computed by kernels.nf4_matmul.
+
+    The buffers are the NF4Weight fields, so .to(device) moves them and `weight` returns them as one.
+    """
+
+    def __init__(self, weight: NF4Weight):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight_dtype = weight.dtype
+        self.register_buffer("packed", weight.packed)
+        self.register_buffer("absmax", weight.absmax)
+        self.register_buffer("nested_absmax", weight.nested_absmax)
+        self.register_buffer("offset", weight.offset)
+
+    @property
+    def weight(self) -> NF4Weight:
+        return NF4Weight(self.packed, self.absmax, torch.Size((self.out_features, self.in_features)),
+                         self.weight_dtype, self.nested_absmax, self.offset)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.nf4_matmul(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, double_quant={self.nested_absmax is not None}"
+
+
+def block_linear_names(model: nn.Module) -> set[str]:
+    """Names of the weights that NF4 quantizes: every nn.Linear inside the blocks (not embedding, lm_head, norms)."""
+    return {f"layers.{name}.weight" for name, m in model.layers.named_modules() if isinstance(m, nn.Linear)}
+
+
+def load_linear(model: nn.Module, name: str, tensor, dtype: torch.dtype, double_quant: bool = True):
+    """Put weight `name` into the model as a Linear4bit: an NF4Weight as it is, a dense tensor quantized (from dtype)."""
+    weight = tensor if isinstance(tensor, NF4Weight) else quantize(tensor.to(dtype), double_quant)
+    model.set_submodule(name.removesuffix(".weight"), Linear4bit(weight))
+
+
+def quantize_model(model: nn.Module, double_quant: bool = True) -> nn.Module:
+    """Replace the Linear layers of the blocks of a loaded model by NF4 Linear4bit layers, in place."""
+    for name in block_linear_names(model):
+        weight = model.get_submodule(name.removesuffix(".weight")).weight.detach()
+        load_linear(model, name, weight, weight.dtype, double_quant)
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights as held: parameters (tied ones once) plus the NF4 buffers."""
+    params = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    nf4 = sum(m.weight.nbytes() for m in model.modules() if isinstance(m, Linear4bit))
+    return sum(params.values()) + nf4
