@@ -4,6 +4,8 @@ Interface used by the model:
   begin_forward(positions)        positions (B, T) of the chunk about to run, -1 for padding
   attend(layer, q, k, v) -> out   store k, v: (B, KV, T, D) for this layer, attend q: (B, H, T, D) to the cache
 """
+from dataclasses import dataclass
+
 import torch
 
 from tinytis.config import ModelArgs
@@ -27,7 +29,7 @@ class DenseKVCache:
             raise ValueError(f"cache holds {self.pos.shape[1]} tokens, {self.length + T} requested")
         self.start, self.length = self.length, self.length + T
         self.pos[:, self.start : self.length] = positions
-        self.mask = attention_mask(positions, self.pos[:, : self.length], self.args.sliding_window)
+        self.mask = attention_mask(positions, self.pos[:, : self.length], self.args.sliding_window, self.k.dtype)
 
     def attend(self, layer, q, k, v):
         self.k[layer, :, :, self.start : self.length] = k
@@ -38,3 +40,305 @@ class DenseKVCache:
         """Bytes of K and V for the tokens stored (padding excluded)."""
         a = self.args
         return int((self.pos >= 0).sum()) * a.n_layers * a.n_kv_heads * a.head_dim * 2 * self.k.element_size()
+
+
+class PagePool:
+    """Fixed-size pages of K and V rows shared by every layer, KV head and sequence of the caches that use it.
+
+    A page holds page_size consecutive slots (rows of head_dim) of one (layer, sequence, KV head); the page
+    tables of PagedKVCache say which. The pool only keeps the free pages, on a stack, and grows when it runs out.
+    """
+
+    def __init__(self, head_dim: int, page_size: int = 16, n_pages: int = 256, dtype=torch.float32, device="cpu"):
+        self.page_size = page_size
+        self.k = torch.zeros(n_pages, page_size, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.free_ids = torch.arange(n_pages - 1, -1, -1, device=device)  # free_ids[:n_free]; the next page handed out is last
+        self.n_free = n_pages
+        self.peak_used = 0
+
+    @property
+    def n_pages(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def used(self) -> int:
+        return self.n_pages - self.n_free
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of K and V in one page."""
+        return 2 * self.k[0].numel() * self.k.element_size()
+
+    def rows(self, which: str) -> torch.Tensor:
+        """K or V as (n_pages * page_size, head_dim): slot s of page p is row p * page_size + s."""
+        return (self.k if which == "k" else self.v).view(-1, self.k.shape[-1])
+
+    def alloc(self, n: int) -> torch.Tensor:
+        """n page ids (long tensor) taken off the free stack."""
+        if n > self.n_free:
+            self._grow(n - self.n_free)
+        self.n_free -= n
+        self.peak_used = max(self.peak_used, self.used)
+        return self.free_ids[self.n_free : self.n_free + n].clone()
+
+    def free(self, ids: torch.Tensor):
+        self.free_ids[self.n_free : self.n_free + len(ids)] = ids
+        self.n_free += len(ids)
+
+    def _grow(self, extra: int):
+        old = self.n_pages
+        new = max(2 * old, old + extra)
+        self.k = torch.cat([self.k, self.k.new_zeros(new - old, *self.k.shape[1:])])
+        self.v = torch.cat([self.v, self.v.new_zeros(new - old, *self.v.shape[1:])])
+        added = torch.arange(new - 1, old - 1, -1, device=self.k.device)
+        self.free_ids = torch.cat([added, self.free_ids[: self.n_free], self.free_ids.new_empty(old - self.n_free)])
+        self.n_free += new - old
+
+
+@dataclass
+class Observe:
+    """Attention statistics a PagedKVCache records for the eviction policy while it runs attention."""
+
+    mass: bool = False  # add the attention each query puts on a slot to that slot's mass, mean over the GQA group
+    window: torch.Tensor | None = None  # (B,): keep, per query head, the attention of each row's last window[b] queries of a forward
+
+
+class PagedKVCache:
+    """K and V in pages of a PagePool, with a page table per (layer, sequence, KV head), so heads hold different tokens.
+
+    State, stacked over layers L, sequences B (rows of the batch) and KV heads:
+      table   (L, B, KV, P)            page ids, -1 unused; a head holds exactly its first ceil(length / page_size)
+      length  (L, B, KV)               slots in use; slot s is row s % page_size of page table[s // page_size]
+      pos     (L, B, KV, P * ps)       original position of each slot, -1 when unused; strictly increasing along slots
+      mass    (L, B, KV, P * ps)       attention each slot has received (Observe.mass)
+      window  (L, B, KV, P * ps, G)    attention from the latest forward's window queries, per query head (Observe.window)
+    Keys are stored after RoPE at their true positions and never renumbered. Padding (position -1) is never stored.
+    """
+
+    def __init__(self, args: ModelArgs, batch_size: int, pool: PagePool):
+        self.args, self.pool = args, pool
+        L, B, KV, G = args.n_layers, batch_size, args.n_kv_heads, args.n_heads // args.n_kv_heads
+        device = pool.k.device
+        acc = torch.promote_types(pool.k.dtype, torch.float32)  # accumulators are at least fp32
+        self.table = torch.full((L, B, KV, 0), -1, dtype=torch.long, device=device)
+        self.length = torch.zeros(L, B, KV, dtype=torch.long, device=device)
+        self.pos = torch.full((L, B, KV, 0), -1, dtype=torch.long, device=device)
+        self.mass = torch.zeros(L, B, KV, 0, dtype=acc, device=device)
+        self.window = torch.zeros(L, B, KV, 0, G, dtype=acc, device=device)
+        self.observe = Observe()
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of K and V that one token takes in a full cache (every layer and KV head)."""
+        a = self.args
+        return 2 * a.n_layers * a.n_kv_heads * a.head_dim * self.pool.k.element_size()
+
+    def pages_held(self) -> int:
+        return int((self.table >= 0).sum())
+
+    def bytes_held(self) -> int:
+        """Bytes of the pages this cache holds: what eviction gives back is exactly what leaves this number."""
+        return self.pages_held() * self.pool.page_bytes
+
+    # -- forward ---------------------------------------------------------------------------------------------------
+
+    def begin_forward(self, positions: torch.Tensor):
+        """Make room for a chunk: positions (B, T), -1 for padding, which must come before a row's tokens."""
+        T = positions.shape[1]
+        real = positions >= 0
+        n_new = real.sum(1)
+        rank = torch.arange(T, device=positions.device) - (T - n_new)[:, None]  # (B, T) index among the row's new tokens
+        if not torch.equal(rank >= 0, real):
+            raise ValueError("padding (position -1) must come before the tokens of each row")
+        self.q_pos, self.past_len = positions, self.length  # (B, T), (L, B, KV) before this chunk
+        new_len = self.length + n_new[None, :, None]
+        self._alloc_pages(new_len)
+        slot = torch.where(real[None, :, None], self.length[..., None] + rank[None, :, None], -1)  # (L, B, KV, T)
+        l, b, h, t = (slot >= 0).nonzero(as_tuple=True)
+        self.pos[l, b, h, slot[l, b, h, t]] = positions[b, t]
+        self.write_slot, self.length = slot, new_len
+        self.self_visible = self.self_mask = None
+        if self.observe.window is not None:
+            self.window.zero_()
+
+    def attend(self, layer: int, q, k, v):
+        """Write the chunk's k, v: (B, KV, T, D) into this layer's pages, then attend q: (B, H, T, D) to what it holds.
+
+        Held slots are gathered right-aligned, so without eviction the keys line up exactly as in DenseKVCache
+        (left padding first) and the result is bit-identical to it.
+        """
+        B, H, T, D = q.shape
+        KV = k.shape[1]
+        write = self.write_slot[layer]  # (B, KV, T), -1 for padding
+        new = write >= 0
+        rows = self._rows(self.table[layer], write.clamp(min=0))[new]
+        self.pool.rows("k").index_copy_(0, rows, k[new])
+        self.pool.rows("v").index_copy_(0, rows, v[new])
+        if not self.past_len[layer].any():  # nothing held before: the chunk attends to itself, as in the dense cache
+            keys, values, key_slot = k, v, write
+            if self.self_mask is None:  # the same in every such layer
+                self.self_visible = self._visible(self.q_pos[:, None])  # (B, 1, T, T)
+                self.self_mask = self._mask(self.self_visible, q.dtype)
+            visible, mask = self.self_visible, self.self_mask
+        else:
+            n = self.length[layer]  # (B, KV)
+            S = int(n.max())
+            slot = torch.arange(S, device=q.device) - (S - n)[..., None]  # (B, KV, S); negative: nothing held there
+            held = slot >= 0
+            slot = slot.clamp(min=0)
+            rows = self._rows(self.table[layer], slot).flatten()
+            keys = self.pool.rows("k").index_select(0, rows).view(B, KV, S, D)
+            values = self.pool.rows("v").index_select(0, rows).view(B, KV, S, D)
+            key_slot = torch.where(held, slot, -1)
+            visible = self._visible(torch.where(held, self.pos[layer].gather(-1, slot), -1))  # (B, KV, T, S)
+            visible = visible.repeat_interleave(H // KV, dim=1)
+            mask = self._mask(visible, q.dtype)
+        out = attend(q, keys, values, mask)
+        self._observe(layer, q, keys, visible, key_slot)
+        return out
+
+    def _visible(self, key_pos):
+        """Which keys each query of the chunk sees: key_pos (B, X, Tk) -> bool (B, X, T, Tk). A real query sees the
+        held keys not after it (within the sliding window); a padded query sees every key, so no softmax row is
+        empty, and its output is never used."""
+        q, k = self.q_pos[:, None, :, None], key_pos[:, :, None, :]
+        visible = (k <= q) & (k >= 0)
+        if self.args.sliding_window is not None:
+            visible &= q - k < self.args.sliding_window
+        return visible | (q < 0)
+
+    @staticmethod
+    def _mask(visible, dtype):
+        """The additive mask SDPA takes: 0 where visible, -inf elsewhere."""
+        return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
+
+    def _rows(self, table, slot):
+        """Pool rows of slots: table (..., P), slot (..., N) -> (..., N); slots past a head's pages give row 0."""
+        ps = self.pool.page_size
+        return (table.gather(-1, slot // ps) * ps + slot % ps).clamp(min=0)
+
+    def _alloc_pages(self, new_len):
+        """Give every head the pages it needs to hold new_len (L, B, KV) slots."""
+        ps = self.pool.page_size
+        held = (self.length + ps - 1) // ps
+        extra = ((new_len + ps - 1) // ps - held).flatten()
+        total = int(extra.sum())
+        if total == 0:
+            return
+        self._widen(int(((new_len + ps - 1) // ps).max()))
+        ids = self.pool.alloc(total)
+        head = torch.repeat_interleave(torch.arange(extra.numel(), device=ids.device), extra)  # (total,) head of each page
+        first = torch.cumsum(extra, 0) - extra
+        col = held.flatten()[head] + torch.arange(total, device=ids.device) - first[head]
+        self.table.view(-1, self.table.shape[-1])[head, col] = ids
+
+    def _widen(self, n_pages: int):
+        extra = n_pages - self.table.shape[-1]
+        if extra <= 0:
+            return
+        slots = extra * self.pool.page_size
+        cat = lambda x, n, fill: torch.cat([x, x.new_full((*x.shape[:3], n, *x.shape[4:]), fill)], dim=3)
+        self.table, self.pos = cat(self.table, extra, -1), cat(self.pos, slots, -1)
+        self.mass, self.window = cat(self.mass, slots, 0), cat(self.window, slots, 0)
+
+    def _observe(self, layer, q, keys, visible, key_slot):
+        """Record what self.observe asks for from this layer's attention probabilities, a block of queries at a time."""
+        obs = self.observe
+        if not obs.mass and obs.window is None:
+            return
+        B, H, T, D = q.shape
+        KV, Tk = keys.shape[1], keys.shape[2]
+        G = H // KV
+        real = self.q_pos >= 0  # (B, T)
+        in_window = torch.zeros_like(real)
+        if obs.window is not None:
+            in_window = real & (real.flip(1).cumsum(1).flip(1) <= obs.window[:, None])  # the last window[b] real queries
+        first = 0 if obs.mass else T - int(in_window.sum(1).max())
+        counts = torch.stack([real, in_window], 1).to(self.mass.dtype)[:, None, None]  # (B, 1, 1, 2, T) queries counted
+        mass = self.mass.new_zeros(B, KV, Tk)
+        window = self.window.new_zeros(B, KV, G, Tk)
+        block = max(1, 2**24 // (B * H * Tk))
+        for t0 in range(first, T, block):
+            t1 = min(T, t0 + block)
+            qb = (q[:, :, t0:t1] * D**-0.5).reshape(B, KV, G * (t1 - t0), D).to(mass.dtype)
+            logits = (qb @ keys.to(mass.dtype).transpose(-1, -2)).view(B, KV, G, t1 - t0, Tk)
+            seen = visible[:, :, t0:t1]  # (B, H or 1, tb, Tk)
+            seen = seen.view(B, KV, G, t1 - t0, Tk) if seen.shape[1] == H else seen[:, :, None]
+            probs = logits.masked_fill_(~seen, float("-inf")).softmax(-1)  # (B, KV, G, tb, Tk)
+            counted = counts[..., t0:t1] @ probs  # (B, KV, G, 2, Tk): summed over the queries each statistic counts
+            mass += counted[:, :, :, 0].mean(2)
+            window += counted[:, :, :, 1]
+        ok = key_slot >= 0  # (B, KV, Tk)
+        idx = key_slot.clamp(min=0)
+        if obs.mass:
+            self.mass[layer].scatter_add_(-1, idx, mass.masked_fill(~ok, 0))
+        if obs.window is not None:
+            window = window.masked_fill(~ok[:, :, None], 0).transpose(2, 3)  # (B, KV, Tk, G)
+            self.window[layer].scatter_add_(2, idx[..., None].expand(-1, -1, -1, G), window)
+
+    # -- eviction and bookkeeping ----------------------------------------------------------------------------------
+
+    def compact(self, keep: torch.Tensor):
+        """Keep the slots where keep (L, B, KV, S) is True, in position order, and return emptied pages to the pool."""
+        ps = self.pool.page_size
+        S = keep.shape[-1]
+        keep = keep & (torch.arange(S, device=keep.device) < self.length[..., None])
+        l, b, h, old = keep.nonzero(as_tuple=True)  # row-major: within a head, slots ascend
+        new = (keep.cumsum(-1) - 1)[l, b, h, old]
+        src = self.table[l, b, h, old // ps] * ps + old % ps
+        dst = self.table[l, b, h, new // ps] * ps + new % ps
+        moved = src != dst
+        for which in ("k", "v"):
+            rows = self.pool.rows(which)
+            rows[dst[moved]] = rows[src[moved]]
+        for name, fill in (("pos", -1), ("mass", 0), ("window", 0)):
+            x = getattr(self, name)
+            y = torch.full_like(x, fill)
+            y[l, b, h, new] = x[l, b, h, old]
+            setattr(self, name, y)
+        self.length = keep.sum(-1)
+        self._free_pages_past((self.length + ps - 1) // ps)
+
+    def _free_pages_past(self, n_pages):
+        """Return every page at or past column n_pages (L, B, KV) of each head's table, then trim the tables."""
+        col = torch.arange(self.table.shape[-1], device=self.table.device)
+        gone = (col >= n_pages[..., None]) & (self.table >= 0)
+        self.pool.free(self.table[gone])
+        self.table[gone] = -1
+        P = int(n_pages.max()) if n_pages.numel() else 0
+        slots = P * self.pool.page_size
+        self.table = self.table[..., :P].contiguous()
+        self.pos, self.mass = self.pos[..., :slots].contiguous(), self.mass[..., :slots].contiguous()
+        self.window = self.window[..., :slots, :].contiguous()
+
+    def truncate(self, limit: torch.Tensor):
+        """Drop every slot whose position is >= limit[b] (B,), e.g. the reference answer after an oracle pass."""
+        self.compact((self.pos >= 0) & (self.pos < limit[None, :, None, None]))
+
+    def free(self, rows: list[int]):
+        """Return every page of these sequences to the pool; the rows are empty again and may start a new sequence."""
+        n_pages = (self.length + self.pool.page_size - 1) // self.pool.page_size
+        n_pages[:, rows] = 0
+        self.length[:, rows] = 0
+        self.pos[:, rows] = -1
+        self.mass[:, rows] = 0
+        self.window[:, rows] = 0
+        self._free_pages_past(n_pages)
+
+    def fork(self) -> "PagedKVCache":
+        """A copy of this cache on the same pool, with its own pages (a copy of every page held)."""
+        other = PagedKVCache(self.args, self.length.shape[1], self.pool)
+        held = self.table >= 0
+        ids = self.pool.alloc(int(held.sum()))
+        self.pool.k[ids], self.pool.v[ids] = self.pool.k[self.table[held]], self.pool.v[self.table[held]]
+        other.table = self.table.clone()
+        other.table[held] = ids
+        other.length, other.pos, other.mass, other.window = (x.clone() for x in (self.length, self.pos, self.mass, self.window))
+        return other
+
+    def keys(self, b: int, n_slots: int) -> torch.Tensor:
+        """Cached keys of sequence b, slots 0..n_slots-1 of every (layer, KV head): (L, KV, n_slots, D)."""
+        L, _, KV, _ = self.table.shape
+        slot = torch.arange(n_slots, device=self.table.device).expand(L, KV, n_slots)
+        return self.pool.rows("k")[self._rows(self.table[:, b], slot)]

@@ -1,11 +1,18 @@
-"""Prefill, decode loop and sampling for a batch of prompts of different lengths."""
+"""Prefill, decode loop and sampling for a batch of prompts of different lengths.
+
+generate(): a plain prompt -> continuation run (dense cache by default). prefill() + decode(), or answer() in one
+call: contexts compressed into a paged cache by an eviction policy, then questions answered from it.
+"""
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from tinytis.cache import DenseKVCache
+from tinytis.cache import DenseKVCache, PagedKVCache, PagePool
+from tinytis.errors import UserError
+from tinytis.manager import CacheManager, ManagerConfig
 from tinytis.model import Transformer
+from tinytis.policies import make_policy
 
 
 @dataclass
@@ -73,15 +80,25 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     dtype = weight.dtype
     if cache is None:
         cache = DenseKVCache(model.args, B, T + params.max_new_tokens, dtype, ids.device)
-    generator = torch.Generator(device=ids.device).manual_seed(params.seed)
-
     t0 = time.perf_counter()
     logits = model.logits(model.hidden_states(ids, positions, cache)[:, -1])
     prefill_s = time.perf_counter() - t0
-
-    tokens = [[] for _ in prompts]
-    done = torch.zeros(B, dtype=torch.bool)
     next_pos = positions[:, -1:] + 1
+
+    tokens, decode_s = decode_loop(model, cache, logits, next_pos, params, eos_id, on_token)
+    return Generation(tokens, sum(len(p) for p in prompts), prefill_s, decode_s, cache.bytes_held())
+
+
+def decode_loop(model, cache, logits, next_pos, params, eos_id=None, on_token=None, after_step=None):
+    """Sample from logits (B, V), feed the token at next_pos (B, 1), repeat until EOS or max_new_tokens.
+
+    after_step(ids, positions, hidden) runs after each forward (the cache manager's hook). Returns the new
+    tokens per row (up to and excluding EOS) and the seconds it took.
+    """
+    B = logits.shape[0]
+    generator = torch.Generator(device=logits.device).manual_seed(params.seed)
+    tokens = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
     t0 = time.perf_counter()
     for step in range(params.max_new_tokens):
         nxt = sample(logits, params, generator)
@@ -96,7 +113,101 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
                 on_token(b, nxt[b].item())
         if done.all() or step == params.max_new_tokens - 1:
             break
-        logits = model(nxt[:, None], next_pos, cache)[:, -1]
+        h = model.hidden_states(nxt[:, None], next_pos, cache)
+        if after_step:
+            after_step(nxt[:, None], next_pos, h)
+        logits = model.logits(h[:, -1])
         next_pos = next_pos + 1
-    decode_s = time.perf_counter() - t0
-    return Generation(tokens, sum(len(p) for p in prompts), prefill_s, decode_s, cache.bytes_held())
+    return tokens, time.perf_counter() - t0
+
+
+@dataclass
+class Prefilled:
+    """Contexts prefilled into a paged cache and evicted to the budget, ready for questions and decoding."""
+
+    cache: PagedKVCache
+    manager: CacheManager
+    logits: torch.Tensor  # (B, vocab) next-token logits after each context
+    next_pos: torch.Tensor  # (B, 1) position of the token that follows each context
+    prefill_s: float
+    stats: dict  # the manager's statistics right after eviction
+
+    def fork(self) -> "Prefilled":
+        """A copy with its own pages, to answer another question from the same compressed contexts."""
+        return replace(self, cache=self.cache.fork(), manager=self.manager.fork())
+
+    def free(self):
+        self.cache.free(list(range(self.logits.shape[0])))
+
+
+@torch.inference_mode()
+def prefill(model: Transformer, contexts: list[list[int]], manager: CacheManager,
+            references: list[list[int]] | None = None, page_size: int = 16) -> Prefilled:
+    """Prefill the contexts (left-padded, in chunks when the manager says so) into a paged cache, evicting to budget.
+
+    references: the answer ids of each context, for a policy that needs them (oracle); they are prefilled after
+    the context in the same pass, observed, and dropped from the cache again before eviction.
+    """
+    if not contexts or any(len(c) == 0 for c in contexts):
+        raise UserError("every context needs at least one token")
+    needs_reference = manager.policy.needs.reference
+    if needs_reference and (references is None or len(references) != len(contexts) or any(len(r) == 0 for r in references)):
+        raise UserError(f"policy {type(manager.policy).__name__.lower()} needs a non-empty reference answer for every context")
+    seqs = [c + r for c, r in zip(contexts, references)] if needs_reference else contexts
+    weight = model.tok_embeddings.weight
+    ids, positions = (t.to(weight.device) for t in left_pad(seqs))
+    B, T = ids.shape
+    a = model.args
+    chunk = manager.config.prefill_chunk or T
+    n_pages = a.n_layers * a.n_kv_heads * sum(-(-min(len(s), chunk) // page_size) + 1 for s in seqs)
+    cache = PagedKVCache(a, B, PagePool(a.head_dim, page_size, n_pages, weight.dtype, weight.device))
+    manager.start(cache, [len(c) for c in contexts], [len(r) for r in references] if needs_reference else None)
+
+    t0 = time.perf_counter()
+    for s in range(0, T, chunk):
+        h = model.hidden_states(ids[:, s : s + chunk], positions[:, s : s + chunk], cache)
+        manager.after_chunk(cache, ids[:, s : s + chunk], positions[:, s : s + chunk], h)
+    if needs_reference:  # the context's last token is followed by its reference answer
+        h = h[torch.arange(B), T - 1 - torch.tensor([len(r) for r in references])][:, None]
+    manager.after_prefill(cache)
+    logits = model.logits(h[:, -1])
+    next_pos = torch.tensor([[len(c)] for c in contexts], device=ids.device)
+    return Prefilled(cache, manager, logits, next_pos, time.perf_counter() - t0, manager.stats(cache))
+
+
+@torch.inference_mode()
+def decode(model: Transformer, state: Prefilled, questions: list[list[int]] | None, params: SamplingParams,
+           eos_id: int | None = None, on_token=None) -> Generation:
+    """Feed each context's question (if any) to its compressed cache, then decode. Generation.stats holds the
+    cache statistics right after eviction, the peak KV bytes of the pool and the eviction time."""
+    cache, manager = state.cache, state.manager
+    logits, next_pos, question_s, question_tokens = state.logits, state.next_pos, 0.0, 0
+    if questions is not None:
+        if len(questions) != len(logits) or any(len(q) == 0 for q in questions):
+            raise UserError(f"give one non-empty question per context ({len(logits)}), or none")
+        t0 = time.perf_counter()
+        ids, positions = (t.to(next_pos.device) for t in left_pad(questions))
+        positions = torch.where(positions >= 0, positions + next_pos, -1)
+        h = model.hidden_states(ids, positions, cache)
+        manager.after_step(cache, ids, positions, h)
+        logits, next_pos = model.logits(h[:, -1]), positions[:, -1:] + 1
+        question_s, question_tokens = time.perf_counter() - t0, sum(len(q) for q in questions)
+    tokens, decode_s = decode_loop(model, cache, logits, next_pos, params, eos_id, on_token,
+                                   lambda ids, pos, h: manager.after_step(cache, ids, pos, h))
+    stats = dict(state.stats, peak_kv_bytes=cache.pool.peak_used * cache.pool.page_bytes, evict_s=manager.evict_s)
+    return Generation(tokens, sum(manager.lengths) + question_tokens, state.prefill_s + question_s, decode_s,
+                      cache.bytes_held(), stats)
+
+
+def answer(model: Transformer, contexts: list[list[int]], questions: list[list[int]] | None, params: SamplingParams,
+           policy: str, budget: float | int, eos_id: int | None = None, references: list[list[int]] | None = None,
+           **options) -> Generation:
+    """Compress each context with the policy to the budget, then answer its question from the compressed cache.
+
+    Query-agnostic: the question is not seen before eviction (for the query-aware setting put the question at the
+    end of the context and pass questions=None). budget: per (layer, KV head), a fraction of each context in
+    (0, 1] or a token count > 1. references: answer ids for the oracle policy. options: ManagerConfig fields
+    (n_sink, n_recent, schedule, head_adaptive, prefill_chunk, decode_budget, decode_buffer).
+    """
+    manager = CacheManager(model.args, make_policy(policy), ManagerConfig(budget, **options))
+    return decode(model, prefill(model, contexts, manager, references), questions, params, eos_id)

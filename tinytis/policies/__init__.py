@@ -1,0 +1,27 @@
+"""Eviction policies. Adding one is a module with a Policy subclass and a line in POLICIES."""
+from tinytis.errors import UserError
+from tinytis.policies.attention import H2O, TOVA, SnapKV
+from tinytis.policies.base import Needs, Policy, ScoreContext
+from tinytis.policies.baselines import Full, Random, Streaming
+from tinytis.policies.knorm import KNorm
+from tinytis.policies.oracle import Oracle
+
+POLICIES = {
+    "full": Full,
+    "random": Random,
+    "streaming": Streaming,
+    "h2o": H2O,
+    "tova": TOVA,
+    "snapkv": SnapKV,
+    "knorm": KNorm,
+    "oracle": Oracle,
+}
+
+
+def make_policy(name: str) -> Policy:
+    if name not in POLICIES:
+        raise UserError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    return POLICIES[name]()
+
+
+__all__ = ["POLICIES", "make_policy", "Needs", "Policy", "ScoreContext"]
