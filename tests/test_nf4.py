@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tinytis import nf4
+from tinytis.cache import PagedKVCache, PagePool
 from tinytis.config import ModelArgs
 from tinytis.errors import UserError
 from tinytis.model import Transformer
@@ -162,10 +163,13 @@ def nf4_bytes(n_out, n_in, double_quant):
     return math.ceil(n / 2) + scales
 
 
+# a scaled Mistral-7B-v0.3 (docs/memory.md): same ratios (GQA 4, hidden 3.5x dim), 1/16 of the width
+SCALED = ModelArgs(dim=256, n_layers=3, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=896, vocab_size=1024)
+
+
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_memory_accounting_matches_the_formula(double_quant):
-    # a scaled Mistral-7B-v0.3: same ratios (GQA 4, hidden 3.5x dim), 1/32 of the width
-    args = ModelArgs(dim=256, n_layers=3, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=896, vocab_size=1024)
+    args = SCALED
     model = Transformer(args)
     nf4.quantize_model(model, double_quant)
     d, kv, hid = args.dim, args.n_kv_heads * args.head_dim, args.hidden_dim
@@ -174,3 +178,24 @@ def test_memory_accounting_matches_the_formula(double_quant):
     per_layer = sum(nf4_bytes(o, i, double_quant) for o, i in linears) + 2 * d * 4  # + two fp32 norms
     expected = args.n_layers * per_layer + 2 * args.vocab_size * d * 4 + d * 4  # embedding, lm_head, final norm
     assert nf4.weight_bytes(model) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_bytes_match_the_formula(dtype):
+    """docs/memory.md: 2 (K, V) x layers x KV heads x head_dim x bytes per token, in whole pages of 16 slots per
+    (layer, sequence, KV head)."""
+    args, T, page = SCALED, 40, 16
+    elt = torch.tensor([], dtype=dtype).element_size()
+    cache = PagedKVCache(args, 1, PagePool(args.head_dim, page, dtype=dtype))
+    assert cache.token_bytes == 2 * args.n_layers * args.n_kv_heads * args.head_dim * elt
+    cache.begin_forward(torch.arange(T)[None])
+    for layer in range(args.n_layers):
+        q = torch.randn(1, args.n_heads, T, args.head_dim, dtype=dtype)
+        kv = torch.randn(1, args.n_kv_heads, T, args.head_dim, dtype=dtype)
+        cache.attend(layer, q, kv, kv)
+    per_head = lambda n: math.ceil(n / page) * page * args.head_dim * 2 * elt  # noqa: E731
+    assert cache.bytes_held() == args.n_layers * args.n_kv_heads * per_head(T)
+    keep = torch.zeros(args.n_layers, 1, args.n_kv_heads, cache.pos.shape[-1], dtype=torch.bool)
+    keep[..., :20] = True  # a budget of 50 %: 20 of 40 tokens per head, 2 pages
+    cache.compact(keep)
+    assert cache.bytes_held() == args.n_layers * args.n_kv_heads * per_head(20)
