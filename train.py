@@ -122,9 +122,9 @@ BASE_STAGES = [
     # the copy task alone first: it forms the induction heads everything else is built on
     Stage("copy", 64, 64, 1500, 1e-3, ["copy"], until_loss=1.5),
     Stage("short", 128, 256, 400, 1e-3),
-    Stage("medium", 256, 1024, 700, 1e-3),
-    Stage("long", 512, 2048, 1000, 1e-3),
-    Stage("anneal", 1024, 2048, 600, 3e-4),
+    Stage("medium", 256, 1024, 600, 1e-3),
+    Stage("long", 512, 2048, 800, 1e-3),
+    Stage("anneal", 1024, 2048, 500, 3e-4),
 ]
 TOKENS_PER_STEP = 4096
 
@@ -341,7 +341,7 @@ def main():
         p.add_argument("--min-len", type=int, default=256)
         p.add_argument("--max-len", type=int, default=2048)
         p.add_argument("--n-sink", type=int, default=4, help="first tokens always kept")
-        p.add_argument("--n-recent", type=int, default=8, help="last context tokens always kept")
+        p.add_argument("--n-recent", type=int, default=16, help="last context tokens always kept")
         p.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations")
         if name == "ert":
             p.add_argument("--oracle-steps", type=int, default=200, help="alignment-only warm-start steps first")

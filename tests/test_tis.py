@@ -1,0 +1,167 @@
+"""TIS and ERT: head shapes, the soft keep-mask against a naive top-k, gradient flow, learning, IO, resume."""
+import argparse
+import math
+import random
+
+import pytest
+import torch
+
+import train
+from tinytis.config import ModelArgs
+from tinytis.ert import ContextKV, anchor_mask, soft_keep_log_mask
+from tinytis.errors import UserError
+from tinytis.importance import TIS
+from tinytis.model import Transformer
+from tinytis.tasks import training
+from tinytis.tokenizer import Tokenizer
+from tinytis.weights import save_hf
+
+SMALL = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64, vocab_size=400,
+                  max_seq_len=512, rope_theta=1e4, tie_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A random small model with a tokenizer trained on the task mix, in HF layout."""
+    d = tmp_path_factory.mktemp("small")
+    train.train_tokenizer(d, SMALL.vocab_size, seed=0)
+    model = Transformer(SMALL)
+    model.init_weights(seed=0, std=0.2)  # a large init gives peaked attention, so eviction matters
+    save_hf(model.state_dict(), d, SMALL)
+    return d
+
+
+def test_scores_have_one_value_per_layer_head_and_token():
+    tis = TIS(SMALL)
+    h, ids = torch.randn(3, 7, SMALL.dim), torch.randint(0, SMALL.vocab_size, (3, 7))
+    assert tis(h, ids).shape == (3, SMALL.n_layers, SMALL.n_kv_heads, 7)
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.25, 0.5, 0.9])
+def test_soft_mask_keeps_exactly_anchors_plus_top_k(budget):
+    """m > 0.5 exactly on the anchors and the top (budget * length - anchors) others; padding gets -inf."""
+    n_sink, n_recent = 2, 3
+    lengths = [40, 33]
+    C = max(lengths)
+    ctx_pos = torch.stack([torch.cat([torch.full((C - n,), -1), torch.arange(n)]) for n in lengths])
+    scores = torch.randn(2, 2, 3, C)
+    log_m = soft_keep_log_mask(scores, ctx_pos, budget, n_sink, n_recent).permute(1, 0, 2, 3)
+    for b, n in enumerate(lengths):
+        real = slice(C - n, C)
+        assert torch.isinf(log_m[b, ..., : C - n]).all()
+        for layer in range(2):
+            for head in range(3):
+                s = scores[b, layer, head, real]
+                anchors = [i for i in range(n) if i < n_sink or i >= n - n_recent]
+                rest = sorted((i for i in range(n) if i not in anchors), key=lambda i: -s[i].item())
+                expected = set(anchors) | set(rest[: max(0, round(budget * n) - len(anchors))])
+                kept = {i for i in range(n) if log_m[b, layer, head, C - n + i] > math.log(0.5)}
+                assert kept == expected
+
+
+def test_anchor_mask_marks_first_and_last_real_tokens():
+    ctx_pos = torch.tensor([[-1, -1, 0, 1, 2, 3, 4, 5]])
+    assert anchor_mask(ctx_pos, 1, 2).tolist() == [[False, False, True, False, False, False, True, True]]
+
+
+def _batch(model_dir, n=4, length=96, seed=0):
+    tok = Tokenizer.from_dir(model_dir)
+    count = lambda s: len(tok.encode(s, bos=False))
+    rng = random.Random(seed)
+    return train.context_batch(tok, [training.sample(rng, length, count, ["passkey", "multikey"]) for _ in range(n)])
+
+
+def test_soft_mask_gives_gradient_to_the_head_and_not_to_the_model(model_dir):
+    model = Transformer.from_pretrained(model_dir).requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tis = TIS(SMALL)
+    align, kl = train.tis_losses(model, tis, _batch(model_dir), budget=0.25, anchors=(2, 4))
+    kl.backward()
+    assert kl.item() > 0
+    assert tis.importance_head.fc2.weight.grad.abs().sum() > 0
+    assert tis.importance_embedding.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def hard_kl(model, tis, batch, budget, anchors):
+    """KL(full || evicted) with the hard top-k eviction inference uses."""
+    ctx_ids, ctx_pos, cont_ids, cont_pos, cont_mask = batch
+    with torch.no_grad():
+        cache = ContextKV()
+        hidden = model.hidden_states(ctx_ids, ctx_pos, cache)
+        full = model(cont_ids, cont_pos, cache)
+        log_m = soft_keep_log_mask(tis(hidden, ctx_ids), ctx_pos, budget, *anchors)
+        cache.key_bias = torch.where(log_m > math.log(0.5), 0.0, float("-inf"))
+        evicted = model(cont_ids, cont_pos, cache)
+    return train.kl_full_evicted(full, evicted, cont_mask).item()
+
+
+def test_a_few_ert_steps_lower_the_kl(model_dir):
+    torch.manual_seed(0)
+    model = Transformer.from_pretrained(model_dir).requires_grad_(False)
+    batch, anchors = _batch(model_dir, n=8), (2, 4)
+    tis = TIS(SMALL)
+    opt = torch.optim.AdamW(tis.parameters(), lr=3e-3)
+    start = hard_kl(model, tis, batch, 0.25, anchors)
+    for _ in range(40):
+        align, kl = train.tis_losses(model, tis, batch, 0.25, anchors)
+        opt.zero_grad()
+        (kl + 0.1 * align).backward()
+        opt.step()
+    end = hard_kl(model, tis, batch, 0.25, anchors)
+    assert end < 0.7 * start, (start, end)
+
+
+def test_components_round_trip_and_reject_foreign_files(tmp_path):
+    tis = TIS(SMALL, attn_hook_lambda=0.5, meta={"stage": "ert"})
+    torch.nn.init.normal_(tis.importance_embedding.weight)
+    path = tmp_path / "tis_components.pt"
+    tis.save(path)
+    blob = torch.load(path, weights_only=True)
+    assert set(blob) == {"importance_embedding", "importance_head", "attn_hook_lambda", "meta"}
+    loaded = TIS.load(path, SMALL)
+    assert loaded.attn_hook_lambda == 0.5 and loaded.meta["stage"] == "ert"
+    for k, v in tis.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+    other = ModelArgs(**{**SMALL.to_dict(), "dim": 64})
+    with pytest.raises(UserError, match="hidden_size"):
+        TIS.load(path, other)
+    torch.save({"importance_head": {}}, tmp_path / "partial.pt")
+    with pytest.raises(UserError, match="lacks"):
+        TIS.load(tmp_path / "partial.pt", SMALL)
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable"):
+        TIS.load(tmp_path / "garbage.pt", SMALL)
+    with pytest.raises(UserError, match="not found"):
+        TIS.load(tmp_path / "missing.pt", SMALL)
+
+
+def _ert_args(model_dir, run_dir, out, resume=False):
+    return argparse.Namespace(stage="ert", model=str(model_dir), out=str(out), steps=4, oracle_steps=2, lr=3e-3,
+                              min_len=64, max_len=96, n_sink=2, n_recent=4, eval_every=1000, run_dir=str(run_dir),
+                              resume=resume, seed=0, save_every_s=0.0, threads=1, lambda_align=0.1)
+
+
+def test_resume_gives_the_same_components_as_an_uninterrupted_run(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "evaluate_tis", lambda *a, **k: 0.0)
+    monkeypatch.setattr(train, "TIS_TOKENS_PER_STEP", 256)
+    train.train_tis(_ert_args(model_dir, tmp_path / "a", tmp_path / "a.pt"))
+
+    calls = {"n": 0}
+    real = train.tis_losses
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "tis_losses", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_tis(_ert_args(model_dir, tmp_path / "b", tmp_path / "b.pt"))
+    monkeypatch.setattr(train, "tis_losses", real)
+    train.train_tis(_ert_args(model_dir, tmp_path / "b", tmp_path / "b.pt", resume=True))
+    a, b = TIS.load(tmp_path / "a.pt", SMALL), TIS.load(tmp_path / "b.pt", SMALL)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k

@@ -1,0 +1,24 @@
+"""TIS: the learned importance head scores each cached token per (layer, KV head) from its hidden state."""
+from pathlib import Path
+
+import torch
+
+from tinytis.importance import COMPONENTS_FILE, TIS
+from tinytis.policies.base import Needs, Policy
+
+
+class TISPolicy(Policy):
+    needs = Needs(hidden=True)
+
+    def __init__(self, components: TIS):
+        self.tis = components
+
+    @classmethod
+    def for_model(cls, model_dir: Path, args) -> "TISPolicy":
+        return cls(TIS.load(Path(model_dir) / COMPONENTS_FILE, args))
+
+    @torch.no_grad()
+    def score(self, ctx):
+        token_scores = self.tis(ctx.hidden[None], ctx.token_ids[None])[0]  # (L, KV, N): one per held token
+        index = torch.searchsorted(ctx.token_pos, ctx.positions.clamp(min=0))  # (L, KV, S): the token in each slot
+        return token_scores.gather(-1, index.clamp(max=len(ctx.token_pos) - 1))
