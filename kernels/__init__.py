@@ -30,25 +30,25 @@ def _choose() -> str:
 BACKEND = _choose()
 
 
-def _triton_for(t: torch.Tensor) -> bool:
+def use_triton(t: torch.Tensor) -> bool:
     """Whether a call on tensor t goes to Triton: backend triton and t on CUDA (or the interpreter on)."""
     return BACKEND == "triton" and (t.is_cuda or INTERPRET)
 
 
 def nf4_matmul(x, w):
     """y = x @ dequantize(w).T for x (..., K) and an NF4Weight w (N, K) -> (..., N) in x.dtype."""
-    if _triton_for(x) and w.shape[1] % 64 == 0:
+    if use_triton(x) and w.shape[1] % 64 == 0:
         return nf4_matmul_triton(x, w)
     return nf4_matmul_ref(x, w)
 
 
 def rope_cache_write(q, k, v, positions, inv_freq, k_pool, v_pool, slots):
     """RoPE on q and k at their positions, k and v written into their pool slots; returns rotated q."""
-    fn = rope_cache_write_triton if _triton_for(q) else rope_cache_write_ref
+    fn = rope_cache_write_triton if use_triton(q) else rope_cache_write_ref
     return fn(q, k, v, positions, inv_freq, k_pool, v_pool, slots)
 
 
 def paged_decode_attention(q, k_pool, v_pool, page_table, lengths, scale, need_mass=True):
     """One query per sequence over per-(sequence, KV head) page tables -> (out, mass or None)."""
-    fn = paged_decode_attention_triton if _triton_for(q) else paged_decode_attention_ref
+    fn = paged_decode_attention_triton if use_triton(q) else paged_decode_attention_ref
     return fn(q, k_pool, v_pool, page_table, lengths, scale, need_mass)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+import kernels
 from tinytis.config import ModelArgs
 from tinytis.model import attend, attention_mask
 
@@ -175,6 +176,8 @@ class PagedKVCache:
         rows = self._rows(self.table[layer], write.clamp(min=0))[new]
         self.pool.rows("k").index_copy_(0, rows, k[new])
         self.pool.rows("v").index_copy_(0, rows, v[new])
+        if T == 1 and kernels.use_triton(q) and self.observe.window is None and self.args.sliding_window is None:
+            return self._decode_kernel(layer, q)
         if not self.past_len[layer].any():  # nothing held before: the chunk attends to itself, as in the dense cache
             keys, values, key_slot = k, v, write
             if self.self_mask is None:  # the same in every such layer
@@ -197,6 +200,14 @@ class PagedKVCache:
         out = attend(q, keys, values, mask)
         self._observe(layer, q, keys, visible, key_slot)
         return out
+
+    def _decode_kernel(self, layer: int, q):
+        """One query per row through the Triton paged decode attention, which also returns the mass each slot got."""
+        out, mass = kernels.paged_decode_attention(q[:, :, 0], self.pool.k, self.pool.v, self.table[layer],
+                                                   self.length[layer], q.shape[-1] ** -0.5, self.observe.mass)
+        if mass is not None:
+            self.mass[layer] += mass * (self.q_pos >= 0)[:, :, None]  # q_pos (B, 1); a padded row's query counts for nothing
+        return out[:, :, None]
 
     def _visible(self, key_pos):
         """Which keys each query of the chunk sees: key_pos (B, X, Tk) -> bool (B, X, T, Tk). A real query sees the
