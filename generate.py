@@ -7,13 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from tinytis.engine import SamplingParams, generate
 from tinytis.errors import ArgumentParser, UserError, run_cli
-from tinytis.model import Transformer
-from tinytis.tokenizer import StreamDecoder, Tokenizer
-from tinytis.weights import resolve_model_dir
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "tiny"
 
@@ -68,10 +62,9 @@ def read_prompt(args) -> str:
     return text
 
 
-def model_dir(model: str) -> Path:
+def check_default_model(model: str):
     if model == str(DEFAULT_MODEL) and not (DEFAULT_MODEL / "config.json").exists():
         raise UserError(f"the default model {DEFAULT_MODEL} is not there yet (it is being trained); pass --model DIR or a hub id")
-    return resolve_model_dir(model)
 
 
 def stats_line(gen) -> str:
@@ -87,7 +80,20 @@ def stats_line(gen) -> str:
 def main():
     args = parse_args()
     prompt = read_prompt(args)
-    path = model_dir(args.model)
+    check_default_model(args.model)
+    run(args, prompt)
+
+
+def run(args, prompt: str):
+    # torch and the engine are imported once the cheap checks have passed, so a typo fails at once
+    import torch
+
+    from tinytis.engine import SamplingParams, generate
+    from tinytis.model import Transformer
+    from tinytis.tokenizer import StreamDecoder, Tokenizer
+    from tinytis.weights import resolve_model_dir
+
+    path = resolve_model_dir(args.model)
     model = Transformer.from_pretrained(path, getattr(torch, args.dtype))
     tokenizer = Tokenizer.from_dir(path)
     if tokenizer.vocab_size > model.args.vocab_size:
