@@ -132,10 +132,12 @@ class Prefilled:
     prefill_s: float
     stats: dict  # the manager's statistics right after eviction
 
+    @torch.inference_mode()
     def fork(self) -> "Prefilled":
         """A copy with its own pages, to answer another question from the same compressed contexts."""
         return replace(self, cache=self.cache.fork(), manager=self.manager.fork())
 
+    @torch.inference_mode()
     def free(self):
         self.cache.free(list(range(self.logits.shape[0])))
 

@@ -174,7 +174,8 @@ class CacheManager:
         pos = cache.pos[..., :S]
         recent = self.last_pos.to(pos.device)[None, :, None, None] - self.config.n_recent
         anchors = (pos >= 0) & ((pos < self.config.n_sink) | (pos > recent))
-        scores = scores.masked_fill(anchors, math.inf).masked_fill(pos < 0, -math.inf)
+        # anchors rank above everything, even a policy's own +inf (SnapKV's window, H2O's recent half)
+        scores = scores.clamp(max=torch.finfo(scores.dtype).max).masked_fill(anchors, math.inf).masked_fill(pos < 0, -math.inf)
         cache.compact(top_k(scores, budget.to(pos.device), self.config.head_adaptive) & (pos >= 0))
         self._prune(cache)
         self.evict_s += time.perf_counter() - t0

@@ -1,0 +1,157 @@
+"""CacheManager: budgets and what they cost in bytes, chunked prefill's peak, schedules, head-adaptive
+allocation, decode-time eviction, forks, and one-line errors for bad input."""
+import math
+
+import pytest
+import torch
+
+from tinytis.cache import PagedKVCache, PagePool
+from tinytis.config import ModelArgs
+from tinytis.engine import SamplingParams, answer, decode, prefill
+from tinytis.errors import UserError
+from tinytis.manager import CacheManager, ManagerConfig, top_k
+from tinytis.model import Transformer
+from tinytis.policies import make_policy
+
+ARGS = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=101, rope_theta=1e4)
+PAGE = 16
+
+
+def tiny_model(seed=0):
+    model = Transformer(ARGS)
+    model.init_weights(seed, std=0.1)
+    return model.eval()
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, ARGS.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def manager(policy="snapkv", budget=0.5, **config):
+    return CacheManager(ARGS, make_policy(policy), ManagerConfig(budget, n_sink=4, n_recent=8, **config))
+
+
+TOKEN_BYTES = 2 * ARGS.n_layers * ARGS.n_kv_heads * ARGS.head_dim * 4  # fp32 K and V of one token, every layer and head
+PAGE_BYTES = 2 * PAGE * ARGS.head_dim * 4
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "h2o", "knorm", "streaming", "random"])
+@pytest.mark.parametrize("b", [0.15, 0.25, 0.5, 0.75, 60])
+def test_bytes_held_after_eviction_within_budget_plus_a_page_per_head(policy, b):
+    contexts = prompts([150, 123, 97])
+    state = prefill(tiny_model(), contexts, manager(policy, b))
+    full = sum(map(len, contexts)) * TOKEN_BYTES
+    allowed = sum(b * n if isinstance(b, float) else b for n in map(len, contexts)) * TOKEN_BYTES
+    heads = len(contexts) * ARGS.n_layers * ARGS.n_kv_heads
+    assert state.stats["kv_bytes_full"] == full
+    assert state.stats["kv_bytes_held"] == state.cache.pages_held() * PAGE_BYTES == state.cache.pool.used * PAGE_BYTES
+    assert state.stats["kv_bytes_held"] <= allowed + heads * PAGE_BYTES
+    for l, per_head in enumerate(state.stats["tokens_held"]):
+        for h, n in enumerate(per_head):
+            assert n == sum(round(b * len(c)) if isinstance(b, float) else b for c in contexts)
+
+
+@pytest.mark.parametrize("budget,chunk", [(32, 32), (30, 20), (24, 40)])
+def test_chunked_prefill_peak_bytes(budget, chunk):
+    """A prompt 16x longer than the budget: the pool never holds more than budget + chunk + a page per head."""
+    contexts = prompts([16 * budget, 16 * budget - 37])
+    state = prefill(tiny_model(), contexts, manager("snapkv", budget, prefill_chunk=chunk))
+    pool = state.cache.pool
+    heads = len(contexts) * ARGS.n_layers * ARGS.n_kv_heads
+    peak = pool.peak_used * pool.page_bytes
+    assert peak <= len(contexts) * (budget + chunk + PAGE) * TOKEN_BYTES
+    assert peak <= heads * math.ceil((budget + chunk) / PAGE) * PAGE_BYTES
+    assert state.stats["tokens_held"] == [[len(contexts) * budget] * ARGS.n_kv_heads] * ARGS.n_layers
+    one_shot = prefill(tiny_model(), contexts, manager("snapkv", budget))
+    assert one_shot.cache.pool.peak_used > 4 * pool.peak_used  # what chunking saves
+
+
+def test_pyramid_budgets_decrease_with_depth_and_keep_the_total():
+    m = CacheManager(ModelArgs(dim=8, n_layers=5, n_heads=2, n_kv_heads=1, head_dim=4, hidden_dim=8, vocab_size=8),
+                     make_policy("snapkv"), ManagerConfig(100, n_sink=4, n_recent=8, schedule="pyramid"))
+    m.start(PagedKVCache(m.args, 2, PagePool(4)), [400, 150])
+    # PyramidKV: linear from 2k - lo at the bottom to lo = max(k / beta, anchors) at the top; here lo = 12
+    assert m.budget[:, 0].tolist() == [188, 144, 100, 56, 12]
+    assert m.budget[:, 1].tolist() == [150, 144, 100, 56, 12]  # a layer never keeps more than the prompt
+
+
+def test_head_adaptive_top_k_matches_naive_reference():
+    g = torch.Generator().manual_seed(0)
+    L, B, KV, S = 2, 3, 4, 9
+    scores = torch.randn(L, B, KV, S, generator=g, dtype=torch.float64)
+    scores[0, 0, 1, 3:] = -math.inf  # a head holding fewer slots
+    k = torch.randint(1, S, (L, B), generator=g)
+    keep = top_k(scores, k, per_layer=True)
+    for l in range(L):
+        for b in range(B):
+            items = sorted(((h, s) for h in range(KV) for s in range(S)), key=lambda i: (-scores[l, b, i[0], i[1]].item(), i))
+            chosen = set(items[: int(k[l, b]) * KV])
+            assert {(h, s) for h in range(KV) for s in range(S) if keep[l, b, h, s]} == chosen
+    per_head = top_k(scores, k, per_layer=False)
+    assert (per_head.sum(-1) == k[..., None]).all()
+
+
+def test_head_adaptive_heads_hold_different_counts_within_the_layer_budget():
+    state = prefill(tiny_model(), prompts([120, 88]), manager("snapkv", 0.5, head_adaptive=True))
+    held = state.cache.length  # (L, B, KV)
+    assert (held.sum(-1) == torch.tensor([[60 * 2, 44 * 2]] * ARGS.n_layers)).all()
+    assert (held[..., 0] != held[..., 1]).any()
+
+
+@pytest.mark.parametrize("policy", ["tova", "h2o", "streaming"])
+def test_decode_time_eviction_holds_budget_plus_buffer(policy):
+    contexts = prompts([64, 50])
+    model = tiny_model()
+    m = manager(policy, 1.0, decode_budget=40, decode_buffer=5)
+    state = prefill(model, contexts, m)
+    lengths = []
+    after_step = m.after_step
+
+    def watch(cache, ids, positions, hidden):
+        after_step(cache, ids, positions, hidden)
+        lengths.append(cache.length.clone())
+
+    m.after_step = watch
+    gen = decode(model, state, prompts([7, 3], seed=1), SamplingParams(max_new_tokens=30))
+    assert len(lengths) == 30 and len(gen.tokens[0]) == 30
+    assert all((n <= 40 + 5).all() for n in lengths)
+    assert (lengths[0] == 40).all()  # the question pushed every head past the buffer: back to the decode budget
+    assert any((n == 45).all() for n in lengths)  # then it grows to budget + buffer before the next eviction
+
+
+def test_fork_answers_several_questions_from_one_compressed_context():
+    model = tiny_model()
+    context = prompts([100])
+    questions = prompts([6, 9, 4], seed=5)
+    params = SamplingParams(max_new_tokens=8)
+    state = prefill(model, context, manager("knorm", 0.5))
+    held = state.cache.pages_held()
+    answers = []
+    for q in questions:
+        fork = state.fork()
+        answers.append(decode(model, fork, [q], params).tokens[0])
+        fork.free()
+        assert state.cache.pool.used == held  # the fork's pages went back
+    for q, got in zip(questions, answers):
+        assert answer(model, context, [q], params, "knorm", 0.5, n_sink=4, n_recent=8).tokens[0] == got
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda m, c: answer(m, c, None, SamplingParams(), "nope", 0.5), "unknown policy"),
+    (lambda m, c: answer(m, c, None, SamplingParams(), "snapkv", 0), "budget 0"),
+    (lambda m, c: answer(m, c, None, SamplingParams(), "snapkv", 0.0), "budget 0.0"),
+    (lambda m, c: answer(m, c, None, SamplingParams(), "snapkv", 1.5), "budget 1.5"),
+    (lambda m, c: answer(m, c, None, SamplingParams(), "snapkv", 500), "more than the 80-token prompt"),
+    (lambda m, c: answer(m, c, None, SamplingParams(), "snapkv", 0.5, prefill_chunk=0), "prefill chunk"),
+    (lambda m, c: answer(m, c, None, SamplingParams(), "snapkv", 0.5, prefill_chunk=-3), "prefill chunk"),
+    (lambda m, c: answer(m, c, None, SamplingParams(), "oracle", 0.5), "reference answer"),
+    (lambda m, c: answer(m, c, None, SamplingParams(), "oracle", 0.5, references=[[]]), "reference answer"),
+    (lambda m, c: answer(m, c, None, SamplingParams(), "snapkv", 0.5, schedule="zigzag"), "schedule"),
+    (lambda m, c: answer(m, c, [[]], SamplingParams(), "snapkv", 0.5), "question"),
+    (lambda m, c: answer(m, c, None, SamplingParams(), "snapkv", 5), "anchor"),
+])
+def test_bad_input_is_a_one_line_user_error(call, message):
+    with pytest.raises(UserError) as e:
+        call(tiny_model(), prompts([80]))
+    assert message in str(e.value) and "\n" not in str(e.value)
