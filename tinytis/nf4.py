@@ -106,7 +106,8 @@ class NF4Weight:
 def _blocks(x: torch.Tensor, size: int) -> torch.Tensor:
     """Flatten and zero-pad to whole blocks: (n,) -> (ceil(n / size), size)."""
     flat = x.reshape(-1)
-    return F.pad(flat, (0, -flat.numel() % size)).view(-1, size)
+    pad = -flat.numel() % size
+    return (F.pad(flat, (0, pad)) if pad else flat).view(-1, size)
 
 
 def _midpoints(code: torch.Tensor) -> torch.Tensor:
@@ -153,15 +154,14 @@ def quantize(w: torch.Tensor, double_quant: bool = True) -> NF4Weight:
     return NF4Weight(packed, absmax_u8, w.shape, w.dtype, nested, offset)
 
 
-def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """uint8 (ceil(n/2),) -> codes int64 (n,), high nibble first."""
-    return torch.stack((packed >> 4, packed & 0xF), dim=-1).view(-1)[:n].long()
+# the two NF4 values each byte holds, high nibble first: BYTE_VALUES[b] = (NF4_CODE[b >> 4], NF4_CODE[b & 15])
+BYTE_VALUES = torch.stack((NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)), dim=1)  # (256, 2)
 
 
 def dequantize(w, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """NF4Weight (or anything with its fields) -> dense (N, K) in dtype, as bitsandbytes' dequantize_4bit."""
     n = w.shape.numel()
-    values = NF4_CODE.to(w.packed.device)[unpack(w.packed, n)]
+    values = BYTE_VALUES.to(w.packed.device)[w.packed.long()].view(-1)[:n]
     out = (_blocks(values, BLOCK) * dequantize_absmax(w)[:, None]).view(-1)[:n]
     return out.view(w.shape).to(dtype)
 
