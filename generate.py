@@ -36,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--quant", choices=["nf4"], help="quantize the Linear layers of the blocks on load (bitsandbytes NF4)")
     p.add_argument("--budget", type=budget, help="KV budget per (layer, KV head): fraction of the prompt or token count")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
@@ -94,7 +95,7 @@ def run(args, prompt: str):
     from tinytis.weights import resolve_model_dir
 
     path = resolve_model_dir(args.model)
-    model = Transformer.from_pretrained(path, getattr(torch, args.dtype))
+    model = Transformer.from_pretrained(path, getattr(torch, args.dtype), quant=args.quant)
     tokenizer = Tokenizer.from_dir(path)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise UserError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}")
