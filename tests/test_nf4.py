@@ -199,3 +199,18 @@ def test_kv_bytes_match_the_formula(dtype):
     keep[..., :20] = True  # a budget of 50 %: 20 of 40 tokens per head, 2 pages
     cache.compact(keep)
     assert cache.bytes_held() == args.n_layers * args.n_kv_heads * per_head(20)
+
+
+def test_generate_cli_with_quant_nf4_runs_on_the_embedded_model():
+    """Acceptance: greedy generation with --quant nf4 on models/tiny runs end to end on CPU."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "models" / "tiny" / "model.safetensors").exists():
+        pytest.skip("the embedded model models/tiny is not trained yet")
+    run = subprocess.run([sys.executable, "generate.py", "--quant", "nf4", "--prompt", "The pass key is 1234. The pass key is",
+                          "--max-new-tokens", "8"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "[tinytis] prompt tokens" in run.stdout
