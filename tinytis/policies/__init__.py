@@ -5,6 +5,7 @@ from tinytis.policies.base import Needs, Policy, ScoreContext
 from tinytis.policies.baselines import Full, Random, Streaming
 from tinytis.policies.knorm import KNorm
 from tinytis.policies.oracle import Oracle
+from tinytis.policies.tis import TISPolicy
 
 POLICIES = {
     "full": Full,
@@ -15,13 +16,15 @@ POLICIES = {
     "snapkv": SnapKV,
     "knorm": KNorm,
     "oracle": Oracle,
+    "tis": TISPolicy,
 }
 
 
-def make_policy(name: str) -> Policy:
+def make_policy(name: str, model_dir=None, args=None) -> Policy:
+    """A policy by name; one with trained components (tis) loads them from model_dir for a model of shape args."""
     if name not in POLICIES:
         raise UserError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
-    return POLICIES[name]()
+    return POLICIES[name].for_model(model_dir, args)
 
 
 __all__ = ["POLICIES", "make_policy", "Needs", "Policy", "ScoreContext"]

@@ -51,5 +51,10 @@ class Policy:
     needs = Needs()
     evicts = True  # False: the cache is never evicted (the full-cache baseline)
 
+    @classmethod
+    def for_model(cls, model_dir, args) -> "Policy":
+        """The policy for the model in model_dir (shape args); learned policies load their trained parts from there."""
+        return cls()
+
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         raise NotImplementedError

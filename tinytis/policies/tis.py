@@ -3,6 +3,7 @@ from pathlib import Path
 
 import torch
 
+from tinytis.errors import UserError
 from tinytis.importance import COMPONENTS_FILE, TIS
 from tinytis.policies.base import Needs, Policy
 
@@ -14,7 +15,9 @@ class TISPolicy(Policy):
         self.tis = components
 
     @classmethod
-    def for_model(cls, model_dir: Path, args) -> "TISPolicy":
+    def for_model(cls, model_dir, args) -> "TISPolicy":
+        if model_dir is None:
+            raise UserError("policy tis loads its trained components from the model directory; give the model")
         return cls(TIS.load(Path(model_dir) / COMPONENTS_FILE, args))
 
     @torch.no_grad()

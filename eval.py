@@ -1,0 +1,111 @@
+"""Evaluate eviction policies on held-out synthetic tasks: task x policy x budget x setting grids.
+
+    python eval.py niah                      # every policy, budgets 0.25/0.5/0.75/1.0, query-agnostic
+    python eval.py all --n-samples 100 --setting both --output docs/results.csv --plot docs/plots
+
+Writes a CSV (one row per cell and metric), a timing sidecar (tokens/s, peak KV bytes), prints a
+summary table, and with --plot draws NIAH heatmaps and budget curves.
+"""
+from pathlib import Path
+
+import torch
+
+from tinytis.errors import ArgumentParser, UserError, run_cli
+from tinytis.evaluate import TASKS, Evaluator, format_summary, plot, write_csv, write_timing
+from tinytis.manager import check_budget
+from tinytis.model import Transformer
+from tinytis.policies import POLICIES
+from tinytis.tokenizer import Tokenizer
+from tinytis.weights import resolve_model_dir
+
+DEFAULT_MODEL = "models/tiny"
+
+
+def number_list(kind):
+    def parse(text: str):
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"{text!r} is not a comma-separated list of {kind.__name__} values")
+    return parse
+
+
+def budget_value(text: str):
+    """'0.5' -> 0.5 (a fraction), '256' -> 256 (tokens); anything else is a UserError."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"budget {text!r} is not a number; give fractions in (0, 1] or token counts > 1")
+    budget = int(value) if value > 1 and value.is_integer() else value
+    check_budget(budget)
+    return budget
+
+
+def main():
+    parser = ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0])
+    parser.add_argument("task", nargs="?", choices=TASKS + ("all",), help="task to evaluate (or --benchmark)")
+    parser.add_argument("--benchmark", dest="benchmark", choices=TASKS + ("all",), help=argparse_alias("task"))
+    parser.add_argument("--policies", "--baseline", default=None,
+                        help="comma-separated policies (default: every available policy)")
+    parser.add_argument("--budgets", "--cache_budgets", default="0.25,0.5,0.75,1.0",
+                        help="comma-separated budgets: fractions in (0, 1] or token counts > 1")
+    parser.add_argument("--lengths", default="512,1024,2048", help="context lengths in tokens")
+    parser.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths (litm: gold position) in [0, 1]")
+    parser.add_argument("--litm-docs", default="10,20,30", help="documents per litm sample")
+    parser.add_argument("--n-samples", "--n_samples", type=int, default=4, help="samples per cell")
+    parser.add_argument("--setting", choices=("agnostic", "aware", "both"), default="agnostic",
+                        help="compress the context before the question (agnostic) or with it (aware)")
+    parser.add_argument("--output", default="results.csv", help="CSV to write (timings go beside it)")
+    parser.add_argument("--plot", default=None, help="directory for heatmaps and budget curves (PNG)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model directory or cached hub id")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    task = args.task or args.benchmark
+    if task is None:
+        raise UserError("name a task: niah, litm, narrative, fidelity or all")
+    policies = args.policies.split(",") if args.policies else list(POLICIES)
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise UserError(f"unknown policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
+    budgets = [budget_value(b) for b in args.budgets.split(",") if b.strip()]
+    lengths, depths = number_list(int)(args.lengths), number_list(float)(args.depths)
+    litm_docs = number_list(int)(args.litm_docs)
+    if args.n_samples <= 0 or args.batch_size <= 0:
+        raise UserError("--n-samples and --batch-size must be positive")
+    if any(not 0 <= d <= 1 for d in depths):
+        raise UserError(f"depths must lie in [0, 1], got {args.depths}")
+    if any(k < 2 for k in litm_docs):
+        raise UserError("--litm-docs needs at least 2 documents per sample")
+    model_dir = resolve_model_dir(args.model)
+    if args.model == DEFAULT_MODEL and not (model_dir / "config.json").exists():
+        raise UserError(f"the embedded model is missing from {DEFAULT_MODEL}; train it with `python train.py base`")
+    model = Transformer.from_pretrained(model_dir)
+    too_long = [L for L in lengths if L + 64 > model.args.max_seq_len]
+    if too_long:
+        raise UserError(f"length {too_long[0]} is beyond what the model handles ({model.args.max_seq_len} tokens "
+                        "with question and answer); choose shorter --lengths")
+    torch.set_num_threads(args.threads)
+
+    tasks = [t for t in TASKS if task in (t, "all")]
+    settings = ["agnostic", "aware"] if args.setting == "both" else [args.setting]
+    evaluator = Evaluator(model, Tokenizer.from_dir(model_dir), model_dir, args.batch_size, args.seed)
+    rows = evaluator.run(tasks, policies, budgets, settings, lengths, depths, litm_docs, args.n_samples)
+    output = Path(args.output)
+    write_csv(rows, output)
+    write_timing(evaluator.timing, output.with_name(output.stem + ".timing.csv"))
+    print(format_summary(rows))
+    print(f"wrote {output}")
+    if args.plot:
+        plot(rows, Path(args.plot))
+        print(f"plots in {args.plot}")
+
+
+def argparse_alias(name: str) -> str:
+    return f"same as the positional {name} (the seed cards' flag)"
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,279 @@
+"""Evaluation grids: task x policy x budget x setting on held-out samples, scored, written as CSV, plotted.
+
+A cell is one (task variant, length, depth) of held-out samples, run under one (policy, budget, setting).
+Query-agnostic: the context is compressed, then the question is asked. Query-aware: the question is the
+end of the compressed context. The full cache is always a row (policy full, budget 1.0).
+"""
+import csv
+import random
+import subprocess
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tinytis.engine import SamplingParams, decode, prefill
+from tinytis.manager import CacheManager, ManagerConfig
+from tinytis.policies import Policy, make_policy
+from tinytis.tasks import Sample, fidelity, litm, narrative, niah
+from tinytis.tasks.seeds import EVAL_SEEDS
+
+TASKS = ("niah", "litm", "narrative", "fidelity")
+MAX_NEW_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class CellKey:
+    task: str
+    variant: str
+    length: int  # context tokens requested (litm: number of documents)
+    depth: float  # where the asked fact sits, 0..1 (litm: gold document / (docs - 1))
+
+
+@dataclass
+class Row:
+    task: str
+    variant: str
+    policy: str
+    budget: float
+    setting: str
+    length: int
+    depth: float
+    metric: str
+    n: int
+    score: float
+    kv_bytes_held: int
+    kv_bytes_full: int
+    seed: int
+    commit: str
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def cells(task: str, lengths, depths, litm_docs) -> list[CellKey]:
+    if task == "niah":
+        return [CellKey(task, v, L, d) for v in niah.VARIANTS for L in lengths for d in depths]
+    if task == "litm":
+        return [CellKey(task, f"{k}docs", k, d) for k in litm_docs for d in depths]
+    if task == "narrative":
+        return [CellKey(task, "story", L, d) for L in lengths for d in depths]
+    return [CellKey(task, "mix", L, -1.0) for L in lengths]
+
+
+def make_samples(cell: CellKey, n: int, seed: int, count) -> list[Sample]:
+    """n held-out samples of a cell; the same (cell, n, seed) always gives the same samples."""
+    rng = random.Random(f"{cell.task}/{cell.variant}/{cell.length}/{cell.depth}/{seed}")
+    seeds = [rng.randrange(EVAL_SEEDS.start, EVAL_SEEDS.stop) for _ in range(n)]
+    if cell.task == "niah":
+        return [niah.make(cell.variant, s, cell.length, cell.depth, count) for s in seeds]
+    if cell.task == "litm":
+        return [litm.make(s, cell.length, round(cell.depth * (cell.length - 1))) for s in seeds]
+    if cell.task == "narrative":
+        return [narrative.make(s, cell.length, cell.depth, count) for s in seeds]
+    return [fidelity.make(s, cell.length, count) for s in seeds]
+
+
+def score_answer(task: str, prediction: str, reference: str) -> dict:
+    if task == "narrative":
+        return {"f1": narrative.qa_f1(prediction, reference),
+                "em": float(narrative.normalize_answer(prediction) == narrative.normalize_answer(reference))}
+    return {"em": float(prediction.strip() == reference.strip())}
+
+
+class Probe(Policy):
+    """Prefills a cache recording what a group of policies needs, without evicting; the group then compresses forks."""
+
+    evicts = False
+
+    def __init__(self, needs):
+        self.needs = needs
+
+
+class Evaluator:
+    """Runs the grid. Each batch of a cell is prefilled once per group of policies with the same needs (the oracle,
+    H2O, TOVA and SnapKV record different statistics; the rest record none); every (policy, budget) of the group
+    then compresses its own fork of that cache and answers from it. Same result as one prefill per run, less work."""
+
+    def __init__(self, model, tokenizer, model_dir, batch_size: int = 16, seed: int = 0):
+        self.model, self.tok, self.batch_size, self.seed = model, tokenizer, batch_size, seed
+        self.model_dir = model_dir
+        self.count = lambda s: len(tokenizer.encode(s, bos=False))
+        self.commit = git_commit()
+        self.timing = []  # (task, policy, budget, setting, prompt tokens, prefill s, total s, peak kv bytes)
+
+    def run(self, tasks, policies, budgets, settings, lengths, depths, litm_docs, n: int) -> list[Row]:
+        instances = {p: make_policy(p, self.model_dir, self.model.args) for p in policies}
+        groups = {}
+        for p, b in runs(policies, budgets):
+            groups.setdefault(instances[p].needs, []).append((p, b))
+        jobs = [(c, s) for t in tasks for c in cells(t, lengths, depths, litm_docs) for s in settings]
+        rows = []
+        for cell, setting in tqdm(jobs, desc="eval", unit="cell"):
+            samples = make_samples(cell, n, self.seed, self.count)
+            scores = {}  # (policy, budget) -> {metric: [values]}, [kv held, kv full]
+            for i in range(0, n, self.batch_size):
+                batch = samples[i : i + self.batch_size]
+                for needs, group in groups.items():
+                    self.run_group(cell.task, batch, setting, needs, [(p, instances[p], b) for p, b in group], scores)
+            for (policy, budget), (metrics, held, full) in scores.items():
+                rows += [Row(cell.task, cell.variant, policy, budget, setting, cell.length, cell.depth, m, len(v),
+                             sum(v) / len(v), held, full, self.seed, self.commit) for m, v in metrics.items()]
+        return rows
+
+    @torch.inference_mode()
+    def run_group(self, task, batch: list[Sample], setting, needs, group, scores):
+        enc = lambda s: self.tok.encode(s, bos=False)
+        contexts = [self.tok.encode(s.context) for s in batch]
+        questions = [enc(s.question) for s in batch]
+        answers = [self.tok.encode(s.answer, bos=False, eos=True) for s in batch]
+        conts = [q + a for q, a in zip(questions, answers)]  # what follows the compressed context
+        if setting == "aware":
+            contexts, questions, conts = [c + q for c, q in zip(contexts, questions)], None, answers
+        manager = CacheManager(self.model.args, Probe(needs), ManagerConfig(1.0))
+        base = prefill(self.model, contexts, manager, references=conts)
+        full_logits = self.continue_logits(base, conts) if task == "fidelity" else None
+        for name, policy, budget in group:
+            t0 = time.perf_counter()
+            state = base.fork()
+            state.manager.compress(state.cache, policy, budget)
+            state = replace(state, stats=state.manager.stats(state.cache))
+            if task == "fidelity":
+                metrics, stats = fidelity_metrics(full_logits, self.continue_logits(state, conts), conts), state.stats
+            else:
+                gen = decode(self.model, state, questions, SamplingParams(MAX_NEW_TOKENS), self.tok.eos_id)
+                metrics, stats = {}, gen.stats
+                for s, tokens in zip(batch, gen.tokens):
+                    for k, v in score_answer(task, self.tok.decode(tokens), s.answer).items():
+                        metrics.setdefault(k, []).append(v)
+            state.free()
+            self.timing.append((task, name, budget, setting, sum(len(c) for c in contexts), base.prefill_s,
+                                time.perf_counter() - t0 + base.prefill_s, stats.get("peak_kv_bytes", 0)))
+            entry = scores.setdefault((name, budget), ({}, 0, 0))
+            for k, v in metrics.items():
+                entry[0].setdefault(k, []).extend(v)
+            scores[(name, budget)] = (entry[0], entry[1] + stats["kv_bytes_held"], entry[2] + stats["kv_bytes_full"])
+        base.free()
+
+    def continue_logits(self, state, conts) -> list[torch.Tensor]:
+        """Teacher-forced logits over each continuation, at the positions that predict its next token."""
+        T = max(len(c) for c in conts)
+        ids = torch.tensor([c + [self.tok.eos_id] * (T - len(c)) for c in conts])
+        positions = state.next_pos + torch.arange(T)[None]
+        logits = self.model(ids, positions, state.cache)
+        return [logits[b, : len(c) - 1] for b, c in enumerate(conts)]
+
+
+def fidelity_metrics(full: list, evicted: list, conts) -> dict:
+    """Per sample: KL(full || evicted) per token, top-1 agreement, perplexity(evicted) - perplexity(full)."""
+    metrics = {"kl": [], "top1": [], "ppl_delta": []}
+    for f, e, cont in zip(full, evicted, conts):
+        target = torch.tensor(cont[1:])[:, None]
+        log_p, log_q = torch.log_softmax(f, -1), torch.log_softmax(e, -1)
+        metrics["kl"].append((log_p.exp() * (log_p - log_q)).sum(-1).mean().item())
+        metrics["top1"].append((f.argmax(-1) == e.argmax(-1)).float().mean().item())
+        ppl = lambda lp: (-lp.gather(-1, target).mean()).exp()
+        metrics["ppl_delta"].append((ppl(log_q) - ppl(log_p)).item())
+    return metrics
+
+
+def runs(policies, budgets):
+    """(policy, budget) pairs: the full cache once at 1.0; every other policy at each budget below 1."""
+    pairs = [("full", 1.0)] if "full" in policies else []
+    return pairs + [(p, b) for p in policies if p != "full" for b in budgets if b != 1.0]
+
+
+def write_csv(rows: list[Row], path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(Row.__dataclass_fields__))
+        w.writeheader()
+        for r in rows:
+            w.writerow(asdict(r))
+    tmp.replace(path)
+
+
+def write_timing(timing, path: Path):
+    """Tokens/s and peak KV bytes per (policy, budget, setting, task): machine-dependent, so kept out of the CSV."""
+    agg = {}
+    for task, policy, budget, setting, tokens, prefill_s, total_s, peak in timing:
+        a = agg.setdefault((task, policy, budget, setting), [0, 0.0, 0.0, 0])
+        a[0], a[1], a[2], a[3] = a[0] + tokens, a[1] + prefill_s, a[2] + total_s, max(a[3], peak)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["task", "policy", "budget", "setting", "prefill_tokens_per_s", "seconds", "peak_kv_bytes"])
+        for (task, policy, budget, setting), (tokens, prefill_s, total_s, peak) in agg.items():
+            w.writerow([task, policy, budget, setting, round(tokens / max(prefill_s, 1e-9)), round(total_s, 2), peak])
+    tmp.replace(path)
+
+
+def summarize(rows: list[Row]) -> dict:
+    """Mean score per (task, variant, metric, policy, budget, setting) over lengths and depths, weighted by n."""
+    acc = {}
+    for r in rows:
+        a = acc.setdefault((r.task, r.variant, r.metric, r.policy, r.budget, r.setting), [0.0, 0])
+        a[0], a[1] = a[0] + r.score * r.n, a[1] + r.n
+    return {k: (s / n, n) for k, (s, n) in acc.items()}
+
+
+def format_summary(rows: list[Row]) -> str:
+    lines = [f"{'task':10} {'variant':9} {'metric':9} {'setting':8} {'policy':10} {'budget':>6} {'score':>7} {'n':>5}"]
+    for (task, variant, metric, policy, budget, setting), (score, n) in sorted(summarize(rows).items(), key=str):
+        lines.append(f"{task:10} {variant:9} {metric:9} {setting:8} {policy:10} {budget:>6} {score:7.3f} {n:5d}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], out_dir: Path):
+    """NIAH depth x length heatmaps per variant, policy and budget; score-vs-budget curves per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    niah_rows = [r for r in rows if r.task == "niah"]
+    for variant in sorted({r.variant for r in niah_rows}):
+        for setting in sorted({r.setting for r in niah_rows}):
+            vr = [r for r in niah_rows if r.variant == variant and r.setting == setting]
+            configs = sorted({(r.policy, r.budget) for r in vr}, key=lambda c: (c[0] != "full", c))
+            lengths, depths = sorted({r.length for r in vr}), sorted({r.depth for r in vr})
+            fig, axes = plt.subplots(1, len(configs), figsize=(2.2 * len(configs) + 1, 2.6), squeeze=False)
+            for ax, (policy, budget) in zip(axes[0], configs):
+                grid = torch.full((len(depths), len(lengths)), float("nan"))
+                for r in vr:
+                    if (r.policy, r.budget) == (policy, budget):
+                        grid[depths.index(r.depth), lengths.index(r.length)] = r.score
+                im = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+                ax.set_title(f"{policy} {budget}", fontsize=8)
+                ax.set_xticks(range(len(lengths)), lengths, fontsize=6)
+                ax.set_yticks(range(len(depths)), depths, fontsize=6)
+            axes[0][0].set_ylabel("depth")
+            fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+            fig.suptitle(f"NIAH {variant} ({setting}): exact match by depth x length", fontsize=9, y=1.06)
+            fig.savefig(out_dir / f"niah_{variant}_{setting}.png", dpi=110, bbox_inches="tight")
+            plt.close(fig)
+    summary = summarize(rows)
+    for task, variant, metric in sorted({k[:3] for k in summary}):
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        series = {k[3:]: v[0] for k, v in summary.items() if k[:3] == (task, variant, metric)}
+        full = [v for (policy, _, _), v in series.items() if policy == "full"]
+        for policy, setting in sorted({(p, s) for p, _, s in series if p != "full"}):
+            pts = sorted((b, v) for (p, b, s), v in series.items() if (p, s) == (policy, setting)) + [(1.0, full[0])] * bool(full)
+            ax.plot(*zip(*pts), marker="o", label=f"{policy} ({setting})", linestyle="-" if setting == "agnostic" else "--")
+        if full:
+            ax.axhline(full[0], color="black", linewidth=0.8, label="full cache")
+        ax.set_xlabel("budget (fraction of the context kept per KV head)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{task} {variant}: {metric} vs budget", fontsize=9)
+        ax.legend(fontsize=6, ncol=2)
+        fig.savefig(out_dir / f"budget_{task}_{variant}_{metric}.png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
