@@ -30,15 +30,15 @@ def nf4_matmul_ref(x: torch.Tensor, w) -> torch.Tensor:
 
 
 @triton.jit
-def _dequant_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_code_ptr, rows, k0, N, K,
+def _dequant_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, byte_values_ptr, dyn_code_ptr, rows, k0, N, K,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
     """W[rows, k0 : k0 + BLOCK_K] as fp32 (BLOCK_N, BLOCK_K); 0 outside W. rows: (BLOCK_N,) int64."""
-    # packed codes: (BLOCK_N, BLOCK_K // 2) bytes -> (BLOCK_N, BLOCK_K) codes, high nibble first
+    # (BLOCK_N, BLOCK_K // 2) bytes; each decodes to its two values, high nibble first, with one
+    # 8-byte load from the 256 x 2 table nf4.BYTE_VALUES (half the lookups of a 16-entry table)
     kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
     byte_mask = (rows[:, None] < N) & (kb[None, :] < K // 2)
-    byte = tl.load(packed_ptr + rows[:, None] * (K // 2) + kb[None, :], mask=byte_mask, other=0)
-    codes = tl.interleave(byte >> 4, byte & 0xF).to(tl.int32)
-    w = tl.load(code_ptr + codes)  # NF4 value of each code, from the 16-entry table
+    byte = tl.load(packed_ptr + rows[:, None] * (K // 2) + kb[None, :], mask=byte_mask, other=0).to(tl.int32)
+    w = tl.load(byte_values_ptr + byte[:, :, None] * 2 + tl.arange(0, 2)[None, None, :])  # (BLOCK_N, BLOCK_K // 2, 2)
 
     # one scale per 64 weights: (BLOCK_N, BLOCK_K // 64)
     kblk = k0 // 64 + tl.arange(0, BLOCK_K // 64)
@@ -55,7 +55,7 @@ def _dequant_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_code_ptr, out_ptr,
+def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, byte_values_ptr, dyn_code_ptr, out_ptr,
                  M, N, K, K_PER_SPLIT,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
     """out[:M, n-tile] += x[:M, k-split] @ W[n-tile, k-split].T; grid (cdiv(N, BLOCK_N), SPLIT_K)."""
@@ -65,7 +65,7 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        w = _dequant_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_code_ptr, rows, k0, N, K,
+        w = _dequant_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, byte_values_ptr, dyn_code_ptr, rows, k0, N, K,
                           BLOCK_N, BLOCK_K, DOUBLE_QUANT)  # (BLOCK_N, BLOCK_K)
         k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & (k[None, :] < k_end), other=0.0)
@@ -75,7 +75,7 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_code_ptr, out_ptr,
+def _gemm_kernel(x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, byte_values_ptr, dyn_code_ptr, out_ptr,
                  M, N, K,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                  PRECISION: tl.constexpr):
@@ -86,7 +86,7 @@ def _gemm_kernel(x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
-        w = _dequant_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_code_ptr, rows, k0, N, K,
+        w = _dequant_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, byte_values_ptr, dyn_code_ptr, rows, k0, N, K,
                           BLOCK_N, BLOCK_K, DOUBLE_QUANT)
         acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
     mask = (m[:, None] < M) & (rows[None, :] < N)
@@ -94,43 +94,46 @@ def _gemm_kernel(x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr
 
 
 def _code_tables(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """nf4.BYTE_VALUES (256, 2) and nf4.DYNAMIC_CODE (256,) on device, copied once."""
     if device not in _CODE_TABLES:
-        _CODE_TABLES[device] = (nf4.NF4_CODE.to(device), nf4.DYNAMIC_CODE.to(device))
+        _CODE_TABLES[device] = (nf4.BYTE_VALUES.to(device), nf4.DYNAMIC_CODE.to(device))
     return _CODE_TABLES[device]
 
 
 _CODE_TABLES = {}
 
 
-def nf4_matmul_triton(x: torch.Tensor, w, split_k: int | None = None, block_n: int = 32, block_k: int = 256) -> torch.Tensor:
+def nf4_matmul_triton(x: torch.Tensor, w, split_k: int | None = None, block_k: int | None = None) -> torch.Tensor:
     """Triton y = x @ W.T: x (..., K) -> (..., N) in x.dtype. K must be a multiple of 64.
 
-    split_k: number of K slices of the gemv path (default: enough programs for about 4 per SM).
+    Block sizes are set, not autotuned (untuned on hardware so far). gemv: the (M, BLOCK_N, BLOCK_K)
+    product tile holds 8192 values whatever M; split_k (default: about 4 programs per SM) slices K.
     """
     N, K = w.shape
     assert K % 64 == 0 and x.shape[-1] == K, f"nf4_matmul_triton needs K % 64 == 0 and x (..., {K}), got {tuple(x.shape)}"
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
-    code, dyn_code = _code_tables(x.device)
+    byte_values, dyn_code = _code_tables(x.device)
     double = w.nested_absmax is not None
     # without double quantization the kernel never reads nested_absmax and offset
     nested, offset = (w.nested_absmax, w.offset) if double else (w.absmax, w.absmax)
-    block_k = min(block_k, triton.next_power_of_2(K))
     if M <= GEMV_MAX_M:
+        block_m = triton.next_power_of_2(M)
+        block_n = 32 if block_m <= 4 else 16
+        block_k = min(block_k or max(64, min(256, 8192 // (block_m * block_n))), triton.next_power_of_2(K))
         if split_k is None:
             sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
             split_k = max(1, min(triton.cdiv(4 * sms, triton.cdiv(N, block_n)), K // block_k))
         k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
         out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(N, block_n), triton.cdiv(K, k_per_split))
-        _gemv_kernel[grid](x2, w.packed, w.absmax, nested, offset, code, dyn_code, out, M, N, K, k_per_split,
-                           BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k, DOUBLE_QUANT=double)
-        out = out.to(x.dtype)
-    else:
-        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        block_m, block_n, block_k = 64, 64, 64
-        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-        _gemm_kernel[grid](x2, w.packed, w.absmax, nested, offset, code, dyn_code, out, M, N, K,
-                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOUBLE_QUANT=double,
-                           PRECISION="ieee" if x.dtype == torch.float32 else None)
+        _gemv_kernel[grid](x2, w.packed, w.absmax, nested, offset, byte_values, dyn_code, out, M, N, K, k_per_split,
+                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOUBLE_QUANT=double)
+        return out.to(x.dtype).view(*x.shape[:-1], N)
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    block_m, block_n, block_k = 64, 64, 64
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    _gemm_kernel[grid](x2, w.packed, w.absmax, nested, offset, byte_values, dyn_code, out, M, N, K,
+                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOUBLE_QUANT=double,
+                       PRECISION="ieee" if x.dtype == torch.float32 else None)
     return out.view(*x.shape[:-1], N)
