@@ -10,7 +10,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import sentencepiece as spm
@@ -35,27 +35,22 @@ TINY = ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, hidd
 
 # ---------------------------------------------------------------------------- data
 
-def encode_sample(tok: Tokenizer, s: Sample, follow_ups: bool) -> tuple[list[int], list[bool]]:
-    """ids = BOS context question answer EOS [question answer EOS ...], and which ids are answer or EOS (the
-    tokens the loss covers). With follow_ups, the sample's other questions are asked after the first."""
-    ids, is_answer = tok.encode(s.context), []
-    for question, answer in [(s.question, s.answer)] + (s.follow_ups if follow_ups else []):
-        q, a = tok.encode(question, bos=False), tok.encode(answer, bos=False, eos=True)
-        ids += q + a
-        is_answer += [False] * len(q) + [True] * len(a)
-    return ids, [False] * (len(ids) - len(is_answer)) + is_answer
+def encode_sample(tok: Tokenizer, s: Sample) -> tuple[list[int], int]:
+    """ids = BOS context question answer EOS, and where the answer starts (the loss covers answer + EOS)."""
+    prefix = tok.encode(s.context) + tok.encode(s.question, bos=False)
+    return prefix + tok.encode(s.answer, bos=False, eos=True), len(prefix)
 
 
-def make_batch(tok: Tokenizer, samples: list[Sample], follow_ups: bool = False):
+def make_batch(tok: Tokenizer, samples: list[Sample]):
     """Right-padded ids (B, T) and next-token targets (B, T) with -100 outside the answers."""
-    encoded = [encode_sample(tok, s, follow_ups) for s in samples]
+    encoded = [encode_sample(tok, s) for s in samples]
     T = max(len(ids) for ids, _ in encoded) - 1
     x = torch.zeros(len(samples), T, dtype=torch.long)
     y = torch.full((len(samples), T), -100, dtype=torch.long)
-    for b, (ids, is_answer) in enumerate(encoded):
+    for b, (ids, start) in enumerate(encoded):
         ids = torch.tensor(ids)
         x[b, : len(ids) - 1] = ids[:-1]
-        y[b, : len(ids) - 1] = ids[1:].masked_fill(~torch.tensor(is_answer[1:]), -100)
+        y[b, start - 1 : len(ids) - 1] = ids[start:]
     return x, y
 
 
@@ -119,12 +114,10 @@ class Stage:
     max_len: int
     steps: int  # the most steps; a stage with until_loss ends earlier once the loss is below it
     lr: float
-    families: dict | list | None = None  # {family: weight}, a list of families, or None for the whole mix
+    families: list = field(default_factory=list)  # empty: the whole training mix
     until_loss: float | None = None
-    follow_ups: bool = False  # ask every sample's follow-up questions too (more answers to learn from per step)
 
 
-KEYED = {"copy": 1, "recall": 2, "multikey": 3, "narrative": 3, "litm": 3, "passkey": 0.5, "varied": 0.5}
 BASE_STAGES = [
     # the copy task alone first: it forms the induction heads everything else is built on
     Stage("copy", 64, 64, 1500, 1e-3, ["copy"], until_loss=1.5),
@@ -132,10 +125,6 @@ BASE_STAGES = [
     Stage("medium", 256, 1024, 600, 1e-3),
     Stage("long", 512, 2048, 800, 1e-3),
     Stage("anneal", 1024, 2048, 500, 3e-4),
-    # after the above, passkey is solved but lookups keyed on a name are not: more of those, shorter first, and
-    # every context asked several questions (one answer per sample gave too few answer tokens per step)
-    Stage("keyed", 128, 1024, 1000, 6e-4, KEYED, follow_ups=True),
-    Stage("keyed-long", 512, 2048, 500, 3e-4, KEYED, follow_ups=True),
 ]
 TOKENS_PER_STEP = 4096
 
@@ -188,7 +177,7 @@ def train_base(args):
             continue
         length = rng.randint(stage.min_len, stage.max_len)
         batch = [training.sample(rng, length, count, stage.families) for _ in range(max(1, TOKENS_PER_STEP // length))]
-        x, y = make_batch(tok, batch, stage.follow_ups)
+        x, y = make_batch(tok, batch)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(state["step"], stage.steps, stage.lr, warmup=50)
         logits = model(x)

@@ -3,7 +3,7 @@
 A sample is a context (what gets compressed), a question asked after it, and the reference answer.
 Training and evaluation draw from disjoint seed ranges (see seeds.py).
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -14,6 +14,3 @@ class Sample:
     answer: str
     length: int  # requested context length in tokens
     depth: float  # where the asked fact sits in the context, 0 (start) .. 1 (end)
-    # other (question, answer) pairs about the same context; training asks them after the first one, so a
-    # context gives several answers to learn from (evaluation asks only `question`)
-    follow_ups: list[tuple[str, str]] = field(default_factory=list)

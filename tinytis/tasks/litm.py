@@ -19,5 +19,4 @@ def make(seed: int, n_docs: int, gold: int, sentences_per_doc: int = 3) -> Sampl
         docs.append(f"Document {i + 1}: " + " ".join(body))
     name, obj, place = facts[gold]
     depth = gold / max(n_docs - 1, 1)
-    follow_ups = [(QUERY.format(name=n, obj=o), p) for n, o, p in rng.sample(facts, min(4, n_docs)) if n != name]
-    return Sample("litm", " ".join(docs), QUERY.format(name=name, obj=obj), place, n_docs, depth, follow_ups)
+    return Sample("litm", " ".join(docs), QUERY.format(name=name, obj=obj), place, n_docs, depth)

@@ -21,7 +21,7 @@ def make(seed: int, length: int, depth: float, count, n_characters: int = 6, lan
     names = rng.sample(NAMES, 2 * n_characters)
     cast, friends = names[:n_characters], names[n_characters:]
     kind = rng.randrange(len(EVENTS))  # the asked event, about cast[0]
-    facts, follow_ups = [], []
+    facts = []
     for i, name in enumerate(cast):
         slots = {"name": name, "place": rng.choice(PLACES), "color": rng.choice(COLORS), "obj": rng.choice(OBJECTS),
                  "friend": friends[i]}
@@ -32,10 +32,8 @@ def make(seed: int, length: int, depth: float, count, n_characters: int = 6, lan
                 question, answer = query.format(**slots), slots[field]
             else:
                 facts.append((rng.random(), event.format(**slots)))
-                follow_ups.append((query.format(**slots), slots[field]))
     context = haystack(rng, length, count, facts, landmark_share)
-    follow_ups = rng.sample(follow_ups, 4)
-    return Sample("narrative", context, question, answer, length, depth, follow_ups)
+    return Sample("narrative", context, question, answer, length, depth)
 
 
 def normalize_answer(s: str) -> str:

@@ -24,20 +24,15 @@ def recall(rng: random.Random, length: int, count) -> Sample:
     pairs = " , ".join(f"{k} {v}" for k, v in zip(keys, values)) + " ."
     depth = rng.random()
     context = haystack(rng, length, count, [(depth, pairs)], landmark_share=0.3)
-    asked = rng.sample(range(len(keys)), min(4, len(keys)))
-    follow_ups = [(keys[i], values[i]) for i in asked[1:]]
-    return Sample("recall", context, keys[asked[0]], values[asked[0]], length, depth, follow_ups)
+    i = rng.randrange(len(keys))
+    return Sample("recall", context, keys[i], values[i], length, depth)
 
 
-MIX = {"copy": 1, "recall": 1, "passkey": 1, "varied": 1, "multikey": 2, "narrative": 2, "litm": 2}
-
-
-def sample(rng: random.Random, length: int, count, families: dict | list | None = None) -> Sample:
-    """One training sample of about `length` context tokens from a family drawn by weight.
-
-    families: {family: weight}, a list of families weighted as in MIX, or None for the whole MIX."""
-    weights = families if isinstance(families, dict) else {f: MIX[f] for f in families or MIX}
-    family = rng.choices(list(weights), list(weights.values()))[0]
+def sample(rng: random.Random, length: int, count, families=None) -> Sample:
+    """One training sample of about `length` context tokens from a family drawn by weight."""
+    weights = {"copy": 1, "recall": 1, "passkey": 1, "varied": 1, "multikey": 2, "narrative": 2, "litm": 2}
+    families = families or list(weights)
+    family = rng.choices(families, [weights[f] for f in families])[0]
     seed, depth = rng.randrange(TRAIN_SEEDS.stop), rng.random()
     if family == "copy":
         return copy(rng, length, count)
