@@ -107,8 +107,10 @@ def _merge_kernel(acc_ptr, ml_ptr, logits_ptr, len_ptr, out_ptr, mass_ptr, KV, G
         d = tl.arange(0, D)
         out = tl.zeros((BLOCK_G, D), dtype=tl.float32)
         for i in range(0, n_splits):
-            w_i = tl.sum(tl.where(j[None, :] == i, weight, 0.0), axis=1)  # weight of slice i, (BLOCK_G,)
-            part = tl.load(acc_ptr + ((head * G + g[:, None]) * n_splits + i) * D + d[None, :], mask=g[:, None] < G, other=0.0)
+            row_i = (head * G + g) * n_splits + i  # (BLOCK_G,)
+            m_i = tl.load(ml_ptr + row_i * 2, mask=g < G, other=-float("inf"))
+            w_i = tl.where(m_i == -float("inf"), 0.0, tl.exp(m_i - M_safe))  # weight of slice i
+            part = tl.load(acc_ptr + row_i[:, None] * D + d[None, :], mask=g[:, None] < G, other=0.0)
             out += part * w_i[:, None]
         out = out / L_safe[:, None]
         tl.store(out_ptr + (head * G + g[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=g[:, None] < G)
