@@ -211,7 +211,7 @@ def train_base(args):
 
 TIS_FAMILIES = ["recall", "passkey", "varied", "multikey", "narrative", "litm"]
 TIS_BUDGETS = (0.05, 0.1, 0.25, 0.5, 0.75)
-TIS_TOKENS_PER_STEP = 8192
+TIS_TOKENS_PER_STEP = 4096
 
 
 def context_batch(tok: Tokenizer, samples: list[Sample]):
@@ -336,7 +336,7 @@ def main():
         p = sub.add_parser(name, help=help)
         p.add_argument("--model", default="models/tiny", help="frozen base model directory")
         p.add_argument("--out", default=None, help=f"components file to write (default: MODEL/{COMPONENTS_FILE})")
-        p.add_argument("--steps", type=int, default=600 if name == "ert" else 400)
+        p.add_argument("--steps", type=int, default=400)
         p.add_argument("--lr", type=float, default=3e-3)
         p.add_argument("--min-len", type=int, default=256)
         p.add_argument("--max-len", type=int, default=2048)
