@@ -72,20 +72,9 @@ class NF4Weight:
         tensors = [self.packed, self.absmax, self.nested_absmax, self.offset]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-    def to_bnb(self) -> dict:
-        """The tensors transformers saves for this weight, keyed by suffix ('' is the weight itself)."""
-        state = {"quant_type": "nf4", "blocksize": BLOCK, "dtype": str(self.dtype).removeprefix("torch."),
-                 "shape": list(self.shape)}
-        out = {"": self.packed[:, None], ".absmax": self.absmax, ".quant_map": NF4_CODE.clone()}
-        if self.double_quant:
-            state |= {"nested_blocksize": NESTED_BLOCK, "nested_dtype": "float32", "nested_offset": self.offset.item()}
-            out |= {".nested_absmax": self.nested_absmax, ".nested_quant_map": DYNAMIC_CODE.clone()}
-        out[".quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
-        return out
-
     @classmethod
     def from_bnb(cls, tensors: dict, name: str = "weight") -> "NF4Weight":
-        """Read the tensors of one weight saved by transformers + bitsandbytes, keyed by suffix as in to_bnb."""
+        """Read the tensors transformers + bitsandbytes saved for one weight, keyed by suffix ('' for the weight itself)."""
         state = json.loads(bytes(tensors[".quant_state.bitsandbytes__nf4"].tolist()))
         nested = state.get("nested_blocksize") is not None
         if state.get("quant_type") != "nf4" or state.get("blocksize") != BLOCK or (nested and state["nested_blocksize"] != NESTED_BLOCK):
