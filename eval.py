@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from tinytis.errors import ArgumentParser, UserError, run_cli
-from tinytis.evaluate import TASKS, Evaluator, format_summary, plot, write_csv, write_timing
+from tinytis.evaluate import TASKS, Evaluator, format_summary, plot, read_csv, write_csv, write_timing
 from tinytis.manager import check_budget
 from tinytis.model import Transformer
 from tinytis.policies import POLICIES
@@ -44,6 +44,7 @@ def budget_value(text: str):
 def main():
     parser = ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0])
     parser.add_argument("task", nargs="?", choices=TASKS + ("all",), help="task to evaluate (or --benchmark)")
+    parser.add_argument("--report", nargs="+", metavar="CSV", help="print the summary tables of earlier results and exit")
     parser.add_argument("--benchmark", dest="benchmark", choices=TASKS + ("all",), help=argparse_alias("task"))
     parser.add_argument("--policies", "--baseline", default=None,
                         help="comma-separated policies (default: every available policy)")
@@ -63,6 +64,12 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
+    if args.report:
+        missing = [p for p in args.report if not Path(p).is_file()]
+        if missing:
+            raise UserError(f"--report: no results file {missing[0]}; run eval.py with --output first")
+        print(format_summary([row for p in args.report for row in read_csv(Path(p))]))
+        return
     task = args.task or args.benchmark
     if task is None:
         raise UserError("name a task: niah, litm, narrative, fidelity or all")

@@ -37,7 +37,7 @@ class Row:
     task: str
     variant: str
     policy: str
-    budget: float
+    budget: float  # a fraction; token-count budgets are written as floats too
     setting: str
     length: int
     depth: float
@@ -225,11 +225,27 @@ def summarize(rows: list[Row]) -> dict:
     return {k: (s / n, n) for k, (s, n) in acc.items()}
 
 
+def read_csv(path: Path) -> list[Row]:
+    types = {name: f.type for name, f in Row.__dataclass_fields__.items()}  # str, int or float
+    with open(path, newline="") as f:
+        return [Row(**{k: types[k](v) for k, v in r.items()}) for r in csv.DictReader(f)]
+
+
 def format_summary(rows: list[Row]) -> str:
-    lines = [f"{'task':10} {'variant':9} {'metric':9} {'setting':8} {'policy':10} {'budget':>6} {'score':>7} {'n':>5}"]
-    for (task, variant, metric, policy, budget, setting), (score, n) in sorted(summarize(rows).items(), key=str):
-        lines.append(f"{task:10} {variant:9} {metric:9} {setting:8} {policy:10} {budget:>6} {score:7.3f} {n:5d}")
-    return "\n".join(lines)
+    """Markdown tables, one per (task, variant, metric, setting): a row per policy, a column per budget, n per cell."""
+    summary = summarize(rows)
+    out = []
+    for task, variant, metric, setting in sorted({(k[0], k[1], k[2], k[5]) for k in summary}):
+        cells = {(k[3], k[4]): v for k, v in summary.items() if (k[0], k[1], k[2], k[5]) == (task, variant, metric, setting)}
+        budgets = sorted({b for _, b in cells})
+        n = max(v[1] for v in cells.values())
+        out.append(f"\n**{task} {variant}, {metric}, query-{setting}** (n = {n} per cell)\n")
+        out.append("| policy | " + " | ".join(f"{b:g}" for b in budgets) + " |")
+        out.append("|---|" + "---:|" * len(budgets))
+        for policy in sorted({p for p, _ in cells}, key=lambda p: (p != "full", p)):
+            row = [f"{cells[(policy, b)][0]:.3f}" if (policy, b) in cells else "" for b in budgets]
+            out.append(f"| {policy} | " + " | ".join(row) + " |")
+    return "\n".join(out)
 
 
 def plot(rows: list[Row], out_dir: Path):

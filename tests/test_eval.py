@@ -1,0 +1,48 @@
+"""eval.py: the same command gives the same CSV; bad input is one line and exit code 2."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def run_eval(*args):
+    return subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, timeout=600)
+
+
+def test_same_command_twice_gives_an_identical_csv(tmp_path):
+    args = ["niah", "--policies", "full,tis,h2o,oracle", "--budgets", "0.25,1.0", "--lengths", "256", "--depths", "0.5",
+            "--n-samples", "3", "--threads", "1"]
+    first = run_eval(*args, "--output", str(tmp_path / "a.csv"))
+    second = run_eval(*args, "--output", str(tmp_path / "b.csv"))
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 0, second.stderr
+    a, b = (tmp_path / "a.csv").read_text(), (tmp_path / "b.csv").read_text()
+    assert a == b
+    header, *rows = a.splitlines()
+    assert header.split(",")[:9] == ["task", "variant", "policy", "budget", "setting", "length", "depth", "metric", "n"]
+    assert len(rows) == 3 * 4  # 3 variants x (full at 1.0 + tis, h2o, oracle at 0.25)
+    assert (tmp_path / "a.timing.csv").exists()
+    report = run_eval("--report", str(tmp_path / "a.csv"))
+    assert report.returncode == 0 and "| tis |" in report.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["sudoku"], "invalid choice"),
+    (["niah", "--policies", "nope"], "unknown policy"),
+    (["niah", "--budgets", "0"], "budget 0"),
+    (["niah", "--budgets", "1.5"], "budget 1.5"),
+    (["niah", "--budgets", "half"], "not a number"),
+    (["niah", "--lengths", "100000"], "beyond what the model handles"),
+    (["niah", "--n-samples", "0"], "must be positive"),
+    (["niah", "--depths", "1.5"], "depths must lie in"),
+    (["--report", "missing.csv"], "no results file"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    r = run_eval(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
