@@ -1,0 +1,37 @@
+"""bench.py: the load-time memory bound of the lazy loader, and the speed comparison end to end."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench import measure_load  # noqa: E402
+from tinytis.config import ModelArgs  # noqa: E402
+
+# 58M parameters: 230 MB in fp32, embeddings a quarter of it each, as in a small real model
+ARGS = ModelArgs(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536, vocab_size=32768)
+
+
+@pytest.mark.parametrize("dtype, file_dtype", [("float32", torch.float32), ("bfloat16", torch.float32), ("float32", torch.bfloat16)])
+def test_peak_rss_while_loading_is_about_one_copy_of_the_weights(dtype, file_dtype):
+    m = measure_load(ARGS, dtype, file_dtype)
+    assert m["weights"] == 57_680_384 * torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+    assert m["final"] - m["base"] >= 0.95 * m["weights"]  # the weights are really resident...
+    assert (m["peak"] - m["base"]) / m["weights"] < 1.3  # ...and loading them never held much more
+
+
+def test_speed_prints_both_engines_and_ratios():
+    pytest.importorskip("transformers")
+    flags = "--dim 64 --n-layers 2 --n-heads 4 --n-kv-heads 2 --head-dim 16 --hidden-dim 128 --vocab-size 512 --prompt-len 32 --new-tokens 8"
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "speed", *flags.split()], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert r.returncode == 0, r.stderr
+    diff = float(re.search(r"max \|logit diff\| at the last prompt position (\S+)", r.stdout).group(1))
+    assert diff < 1e-4  # both engines ran the same weights
+    for row in ("tinytis", "transformers", "tinytis / transformers"):
+        assert re.search(rf"^{re.escape(row)}\s+[\d.]+x?\s+[\d.]+x?$", r.stdout, re.M), r.stdout
