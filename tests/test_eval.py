@@ -46,3 +46,15 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_fidelity_of_the_full_cache_is_exact(tmp_path):
+    """The full cache against itself: KL 0, top-1 agreement 1, perplexity unchanged; an evicting policy differs."""
+    r = run_eval("fidelity", "--policies", "full,streaming", "--budgets", "0.1,1.0", "--lengths", "256",
+                 "--n-samples", "2", "--threads", "1", "--output", str(tmp_path / "f.csv"))
+    assert r.returncode == 0, r.stderr
+    from tinytis.evaluate import read_csv
+
+    scores = {(row.policy, row.metric): row.score for row in read_csv(tmp_path / "f.csv")}
+    assert scores[("full", "kl")] == 0 and scores[("full", "top1")] == 1 and scores[("full", "ppl_delta")] == 0
+    assert scores[("streaming", "kl")] > 0

@@ -139,14 +139,14 @@ class Evaluator:
             contexts, questions, conts = [c + q for c, q in zip(contexts, questions)], None, answers
         manager = CacheManager(self.model.args, Probe(needs), ManagerConfig(1.0))
         base = prefill(self.model, contexts, manager, references=conts)
-        full_logits = self.continue_logits(base, conts) if task == "fidelity" else None
+        full_logits = self.continue_logits(base.fork(), conts) if task == "fidelity" else None
         for name, policy, budget in group:
             t0 = time.perf_counter()
             state = base.fork()
             state.manager.compress(state.cache, policy, budget)
             state = replace(state, stats=state.manager.stats(state.cache))
             if task == "fidelity":
-                metrics, stats = fidelity_metrics(full_logits, self.continue_logits(state, conts), conts), state.stats
+                metrics, stats = fidelity_metrics(full_logits, self.continue_logits(state.fork(), conts), conts), state.stats
             else:
                 gen = decode(self.model, state, questions, SamplingParams(MAX_NEW_TOKENS), self.tok.eos_id)
                 metrics, stats = {}, gen.stats
@@ -163,16 +163,19 @@ class Evaluator:
         base.free()
 
     def continue_logits(self, state, conts) -> list[torch.Tensor]:
-        """Teacher-forced logits over each continuation, at the positions that predict its next token."""
+        """Teacher-forced logits over each continuation, at the positions that predict its next token.
+        The continuation goes into state's cache, so state is used up (pass a fork); its pages are freed."""
         T = max(len(c) for c in conts)
         ids = torch.tensor([c + [self.tok.eos_id] * (T - len(c)) for c in conts])
         positions = state.next_pos + torch.arange(T)[None]
         logits = self.model(ids, positions, state.cache)
+        state.free()
         return [logits[b, : len(c) - 1] for b, c in enumerate(conts)]
 
 
 def fidelity_metrics(full: list, evicted: list, conts) -> dict:
-    """Per sample: KL(full || evicted) per token, top-1 agreement, perplexity(evicted) - perplexity(full)."""
+    """Per sample: KL(full || evicted) per token, top-1 agreement, and the relative perplexity change
+    ppl(evicted) / ppl(full) - 1 of the continuation's tokens."""
     metrics = {"kl": [], "top1": [], "ppl_delta": []}
     for f, e, cont in zip(full, evicted, conts):
         target = torch.tensor(cont[1:])[:, None]
@@ -180,7 +183,7 @@ def fidelity_metrics(full: list, evicted: list, conts) -> dict:
         metrics["kl"].append((log_p.exp() * (log_p - log_q)).sum(-1).mean().item())
         metrics["top1"].append((f.argmax(-1) == e.argmax(-1)).float().mean().item())
         ppl = lambda lp: (-lp.gather(-1, target).mean()).exp()
-        metrics["ppl_delta"].append((ppl(log_q) - ppl(log_p)).item())
+        metrics["ppl_delta"].append((ppl(log_q) / ppl(log_p) - 1).item())
     return metrics
 
 
