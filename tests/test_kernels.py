@@ -15,8 +15,6 @@ Tolerances, relative to the largest reference value (scale) unless stated:
                mass: 1e-6 absolute in every dtype (logits accumulate in fp32 in both).
 """
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -27,7 +25,9 @@ from kernels.nf4_matmul import nf4_matmul_ref, nf4_matmul_triton
 from kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
 from kernels.rope_cache import rope_cache_write_ref, rope_cache_write_triton
 from tinytis import nf4
-from tinytis.model import apply_rope, rope_cos_sin
+from tinytis.cache import Observe, PagedKVCache, PagePool
+from tinytis.config import ModelArgs
+from tinytis.model import Transformer, apply_rope, rope_cos_sin
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -204,49 +204,36 @@ def test_paged_reference_is_dense_attention():
             assert torch.isclose(mass[b, h].sum(), torch.tensor(1.0))
 
 
-END_TO_END = """
-import sys, torch, kernels
-from tinytis import nf4
-from tinytis.cache import Observe, PagedKVCache, PagePool
-from tinytis.config import ModelArgs
-from tinytis.model import Transformer
-a = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=64)
-model = Transformer(a)
-model.init_weights(0, std=0.1)
-nf4.quantize_model(model)
-cache = PagedKVCache(a, 2, PagePool(a.head_dim, page_size=4, n_pages=8))
-cache.observe = Observe(mass=True)
-ids = torch.arange(22).view(2, 11) % 64
-positions = torch.arange(11).expand(2, 11).clone()
-positions[1, :3] = -1  # row 1 is left-padded: 8 tokens
-logits = []
-with torch.no_grad():
-    logits.append(model(ids, positions, cache))  # prefill: the NF4 gemm path
-    for step in range(3):  # decode: NF4 gemv and paged decode attention with mass
-        positions = positions[:, -1:] + 1
-        logits.append(model(logits[-1][:, -1:].argmax(-1), positions, cache))
-torch.save((logits, cache.mass), sys.argv[1])
-print(kernels.BACKEND)
-"""
+def tiny_nf4_prefill_and_decode():
+    """A tiny NF4 model prefilling a ragged batch into a PagedKVCache (pages of 4), then 3 decode steps:
+    the NF4 gemm (prefill), NF4 gemv and paged decode attention with mass (decode). -> (logits per step, mass)."""
+    a = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=64)
+    model = Transformer(a)
+    model.init_weights(0, std=0.1)
+    model = nf4.quantize_model(model).to(DEVICE)
+    cache = PagedKVCache(a, 2, PagePool(a.head_dim, page_size=4, n_pages=8, device=DEVICE))
+    cache.observe = Observe(mass=True)
+    ids = torch.arange(22, device=DEVICE).view(2, 11) % 64
+    positions = torch.arange(11, device=DEVICE).expand(2, 11).clone()
+    positions[1, :3] = -1  # row 1 is left-padded: 8 tokens
+    logits = []
+    with torch.no_grad():
+        logits.append(model(ids, positions, cache))
+        for _ in range(3):
+            positions = positions[:, -1:] + 1
+            logits.append(model(logits[-1][:, -1:].argmax(-1), positions, cache))
+    return logits, cache.mass
 
 
-def test_prefill_and_decode_through_triton_match_torch(tmp_path):
-    """TINYTIS_KERNELS picks the backend once. A tiny NF4 model prefilling and decoding into a PagedKVCache
-    (ragged batch, pages of 4) gives the same logits and attention mass through the Triton kernels
-    (interpreted on CPU) as through the torch path. Tolerance: fp32 rounding, 1e-5 x the largest logit;
-    mass 1e-6."""
-    out = {}
-    for backend in ("torch", "triton"):
-        env = dict(os.environ, TINYTIS_KERNELS=backend, OMP_NUM_THREADS="1")
-        path = tmp_path / f"{backend}.pt"
-        run = subprocess.run([sys.executable, "-c", END_TO_END, str(path)], env=env, capture_output=True, text=True,
-                             timeout=600)
-        assert run.returncode == 0, run.stderr[-3000:]
-        assert run.stdout.strip() == backend
-        out[backend] = torch.load(path)
-    (ref_logits, ref_mass), (logits, mass) = out["torch"], out["triton"]
+def test_prefill_and_decode_through_triton_match_torch(monkeypatch):
+    """The model and PagedKVCache give the same logits and attention mass through the Triton kernels
+    (interpreted on CPU) as through the torch path. Tolerance: fp32 rounding, 1e-5 x the largest logit; mass 1e-6."""
+    monkeypatch.setattr(kernels, "BACKEND", "torch")
+    ref_logits, ref_mass = tiny_nf4_prefill_and_decode()
+    monkeypatch.setattr(kernels, "BACKEND", "triton")
+    logits, mass = tiny_nf4_prefill_and_decode()
     for a, b in zip(ref_logits, logits):
-        real = torch.ones(a.shape[:2], dtype=torch.bool)
+        real = torch.ones(a.shape[:2], dtype=torch.bool, device=a.device)
         if a.shape[1] == 11:
             real[1, :3] = False  # padded queries: their outputs are never used
         assert (a[real] - b[real]).abs().max() <= 1e-5 * a[real].abs().max()
@@ -254,7 +241,12 @@ def test_prefill_and_decode_through_triton_match_torch(tmp_path):
     assert (ref_mass - mass).abs().max() <= 1e-6
 
 
-def test_unknown_backend_is_refused():
-    env = dict(os.environ, TINYTIS_KERNELS="cuda")
-    bad = subprocess.run([sys.executable, "-c", "import kernels"], env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "TINYTIS_KERNELS" in bad.stderr
+def test_backend_is_chosen_from_the_environment(monkeypatch):
+    monkeypatch.delenv("TINYTIS_KERNELS", raising=False)
+    assert kernels._choose() == ("triton" if torch.cuda.is_available() else "torch")
+    for choice in ("torch", "triton"):
+        monkeypatch.setenv("TINYTIS_KERNELS", choice)
+        assert kernels._choose() == choice
+    monkeypatch.setenv("TINYTIS_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="TINYTIS_KERNELS"):
+        kernels._choose()
