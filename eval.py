@@ -44,7 +44,8 @@ def budget_value(text: str):
 def main():
     parser = ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0])
     parser.add_argument("task", nargs="?", choices=TASKS + ("all",), help="task to evaluate (or --benchmark)")
-    parser.add_argument("--report", nargs="+", metavar="CSV", help="print the summary tables of earlier results and exit")
+    parser.add_argument("--report", nargs="+", metavar="CSV",
+                        help="print the summary tables of earlier results (and --plot them) instead of evaluating")
     parser.add_argument("--benchmark", dest="benchmark", choices=TASKS + ("all",), help=argparse_alias("task"))
     parser.add_argument("--policies", "--baseline", default=None,
                         help="comma-separated policies (default: every available policy)")
@@ -68,7 +69,10 @@ def main():
         missing = [p for p in args.report if not Path(p).is_file()]
         if missing:
             raise UserError(f"--report: no results file {missing[0]}; run eval.py with --output first")
-        print(format_summary([row for p in args.report for row in read_csv(Path(p))]))
+        rows = [row for p in args.report for row in read_csv(Path(p))]
+        print(format_summary(rows))
+        if args.plot:
+            plot(rows, Path(args.plot))
         return
     task = args.task or args.benchmark
     if task is None:
