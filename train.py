@@ -98,6 +98,26 @@ def save_atomic(obj, path: Path):
     os.replace(tmp, path)
 
 
+def start_or_resume(ckpt: Path, module, opt, state: dict, resume: bool):
+    """The training state to start from: `state`, or with --resume the checkpoint's, with module and optimizer
+    restored in place. Returns (state, the data RNG)."""
+    if resume:
+        if not ckpt.exists():
+            raise UserError(f"--resume: no checkpoint at {ckpt}; start without --resume")
+        saved = torch.load(ckpt, weights_only=False)
+        module.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        state = saved["state"]
+    rng = random.Random()
+    rng.setstate(state["rng"])
+    return state, rng
+
+
+def save_checkpoint(ckpt: Path, module, opt, state: dict, rng: random.Random):
+    state["rng"] = rng.getstate()
+    save_atomic({"model": module.state_dict(), "opt": opt.state_dict(), "state": state}, ckpt)
+
+
 def cosine_lr(step: int, total: int, lr: float, warmup: int, final_ratio: float = 0.1) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -157,15 +177,7 @@ def train_base(args):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     state = {"stage": 0, "step": 0, "rng": random.Random(args.seed).getstate(), "log": []}
     ckpt = run / "base.pt"
-    if args.resume:
-        if not ckpt.exists():
-            raise UserError(f"--resume: no checkpoint at {ckpt}; start without --resume")
-        saved = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        state = saved["state"]
-    rng = random.Random()
-    rng.setstate(state["rng"])
+    state, rng = start_or_resume(ckpt, model, opt, state, args.resume)
     total = sum(s.steps for s in BASE_STAGES)
     bar = tqdm(total=total, initial=sum(s.steps for s in BASE_STAGES[: state["stage"]]) + state["step"], desc="base")
     last_save, loss_ema = time.time(), None
@@ -195,13 +207,11 @@ def train_base(args):
             state["log"].append({"stage": stage.name, "step": state["step"], "loss": loss_ema, "acc": accs})
             tqdm.write(f"[{stage.name} {state['step']}] loss {loss_ema:.3f} held-out answer acc {accs}")
         if time.time() - last_save > args.save_every_s:
-            state["rng"] = rng.getstate()
-            save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "state": state}, ckpt)
+            save_checkpoint(ckpt, model, opt, state, rng)
             save_hf(model.state_dict(), out, TINY)
             last_save = time.time()
     bar.close()
-    state["rng"] = rng.getstate()
-    save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "state": state}, ckpt)
+    save_checkpoint(ckpt, model, opt, state, rng)
     save_hf(model.state_dict(), out, TINY)
     (out / "training_log.json").write_text(json.dumps(state["log"], indent=1) + "\n")
     print(f"saved {out}")
@@ -283,15 +293,7 @@ def train_tis(args):
     total = args.steps if args.stage == "oracle" else args.oracle_steps + args.steps
     state = {"step": 0, "rng": random.Random(args.seed).getstate(), "log": []}
     ckpt = run / f"tis_{args.stage}.pt"
-    if args.resume:
-        if not ckpt.exists():
-            raise UserError(f"--resume: no checkpoint at {ckpt}; start without --resume")
-        saved = torch.load(ckpt, weights_only=False)
-        tis.load_state_dict(saved["tis"])
-        opt.load_state_dict(saved["opt"])
-        state = saved["state"]
-    rng = random.Random()
-    rng.setstate(state["rng"])
+    state, rng = start_or_resume(ckpt, tis, opt, state, args.resume)
     bar = tqdm(total=total, initial=state["step"], desc=args.stage)
     last_save = time.time()
     while state["step"] < total:
@@ -315,8 +317,7 @@ def train_tis(args):
             state["log"].append({"step": state["step"], "align": align.item(), "kl": kl.item(), "acc": accs})
             tqdm.write(f"[{args.stage} {state['step']}] align {align.item():.3f} kl {kl.item():.4f} held-out acc by budget {accs}")
         if time.time() - last_save > args.save_every_s or state["step"] == total:
-            state["rng"] = rng.getstate()
-            save_atomic({"tis": tis.state_dict(), "opt": opt.state_dict(), "state": state}, ckpt)
+            save_checkpoint(ckpt, tis, opt, state, rng)
             last_save = time.time()
     bar.close()
     out = Path(args.out or model_dir / COMPONENTS_FILE)
