@@ -4,6 +4,8 @@
     python bench.py load     peak RSS while loading a random-weight checkpoint, against the loaded weights' size
     python bench.py kernels  NF4 gemv at the Mistral-7B shapes (vs bitsandbytes and dequantize + matmul) and paged
                              decode attention at 4k/16k/32k context: GB/s and fraction of peak bandwidth
+    python bench.py overhead what eviction adds to a 4k-token prefill, per policy: recording the attention statistics
+                             the policy needs, and scoring + compaction, as fractions of the full-cache prefill time
 
 Every subcommand builds its model from the shape flags (random weights, HF layout in a temporary directory).
 """
@@ -269,6 +271,39 @@ def bench_kernels(args):
         print(f"{ctx:>8} {nbytes / 1e6:6.1f} | " + " | ".join(cells))
 
 
+# -- overhead -------------------------------------------------------------------------------------------------------
+
+
+def overhead(a):
+    """Prefill one random prompt with each policy at the budget; the fastest of --reps runs of each, interleaved."""
+    from tinytis.engine import prefill
+    from tinytis.manager import CacheManager, ManagerConfig
+    from tinytis.policies import make_policy
+
+    torch.set_num_threads(a.threads)
+    args = model_args(a)
+    model = Transformer(args)
+    model.init_weights(0)
+    model = model.to(getattr(torch, a.dtype)).eval()
+    prompt = torch.randint(0, args.vocab_size, (a.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    policies = ["full", *a.policies]
+    best = {}  # policy -> (forward s, evict s) of its fastest run
+    for _ in range(a.reps):
+        for name in policies:
+            state = prefill(model, [prompt], CacheManager(args, make_policy(name), ManagerConfig(a.budget)))
+            run = (state.prefill_s - state.manager.evict_s, state.manager.evict_s)
+            if name not in best or sum(run) < sum(best[name]):
+                best[name] = run
+    base = best["full"][0]
+    print(describe(args, a.dtype) + f"; prompt {a.prompt_len} tokens, budget {a.budget}, {a.threads} threads, best of {a.reps}")
+    print(f"full-cache prefill {base:.3f} s")
+    print(f"{'policy':>10} | {'prefill s':>9} | {'recording':>9} | {'score+compact':>13} | {'of prefill':>10} | total")
+    for name in a.policies:
+        forward, evict = best[name]
+        print(f"{name:>10} | {forward:9.3f} | {(forward - base) / base:+9.1%} | {evict * 1e3:10.1f} ms | {evict / base:10.2%} | "
+              f"{(forward + evict - base) / base:+.1%}")
+
+
 def main():
     p = ArgumentParser(description="Speed and memory of tinytis, side by side with transformers where installed.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -286,6 +321,14 @@ def main():
     s.add_argument("--reps", type=int, help="CUDA: milliseconds of timing per case (default 200); CPU: calls after one warm-up (default 1)")
     s.add_argument("--full", action="store_true", help="on CPU too, the 4k/16k/32k contexts (default there: 1k, 4k)")
     s.set_defaults(run=bench_kernels)
+    s = sub.add_parser("overhead", help="what eviction adds to the prefill of a long prompt, per policy")
+    add_shape_flags(s, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=768, vocab_size=32768)
+    s.add_argument("--prompt-len", type=int, default=4096)
+    s.add_argument("--budget", type=float, default=0.5)
+    s.add_argument("--policies", nargs="+", default=["snapkv", "streaming", "random", "knorm", "tova", "h2o"])
+    s.add_argument("--reps", type=int, default=3)
+    s.add_argument("--threads", type=int, default=torch.get_num_threads())
+    s.set_defaults(run=overhead)
     a = p.parse_args()
     a.run(a)
 

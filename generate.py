@@ -2,9 +2,12 @@
 
     python generate.py --prompt-file examples/hello.txt
     python generate.py --model mistralai/Mistral-7B-v0.3 --dtype bfloat16 --prompt "The capital of France is"
+    python generate.py --prompt-file doc.txt --budget 0.25 --question "Who wrote it?" --question "When?"
+
+The prompt is prefilled into a paged KV cache and evicted to --budget by --policy; each --question is then
+answered from that same compressed cache (query-agnostic: the questions are not seen before eviction).
 """
 import argparse
-import sys
 from pathlib import Path
 
 from tinytis.errors import ArgumentParser, UserError, run_cli
@@ -37,7 +40,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--quant", choices=["nf4"], help="quantize the Linear layers of the blocks on load (bitsandbytes NF4)")
-    p.add_argument("--budget", type=budget, help="KV budget per (layer, KV head): fraction of the prompt or token count")
+    p.add_argument("--budget", type=budget, default=1.0,
+                   help="KV budget per (layer, KV head): fraction of the prompt or token count (default 1.0: keep all)")
+    p.add_argument("--policy", default="snapkv", help="eviction policy (default snapkv)")
+    p.add_argument("--prefill-chunk", type=int, help="prefill this many tokens at a time, evicting after each chunk")
+    p.add_argument("--decode-budget", type=budget, help="also evict while decoding, back to this budget")
+    p.add_argument("--question", action="append", help="a question answered from the compressed prompt (repeatable)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error(f"argument --max-new-tokens: must be at least 1, got {args.max_new_tokens}")
@@ -45,6 +53,10 @@ def parse_args(argv=None):
         p.error(f"argument --temperature: must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         p.error(f"argument --top-p: must be in (0, 1], got {args.top_p}")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        p.error(f"argument --prefill-chunk: must be at least 1 token, got {args.prefill_chunk}")
+    if any(not q.strip() for q in args.question or []):
+        p.error("argument --question: the question is empty")
     return args
 
 
@@ -68,13 +80,17 @@ def check_default_model(model: str):
         raise UserError(f"the default model {DEFAULT_MODEL} is not there yet (it is being trained); pass --model DIR or a hub id")
 
 
-def stats_line(gen) -> str:
+def stats_line(gen, policy: str, budget) -> str:
     new = gen.new_tokens
     prefill = gen.prompt_tokens / gen.prefill_s if gen.prefill_s > 0 else float("inf")
     decode = new / gen.decode_s if gen.decode_s > 0 else float("inf")
+    s = gen.stats  # the cache right after eviction
+    per_head = sum(map(sum, s["tokens_held"])) / sum(map(len, s["tokens_held"]))
     return (
         f"[tinytis] prompt tokens {gen.prompt_tokens} | new tokens {new} | prefill {prefill:.1f} tok/s | "
-        f"decode {decode:.1f} tok/s | KV held {gen.kv_bytes / 2**20:.2f} MiB ({gen.kv_bytes} bytes)"
+        f"decode {decode:.1f} tok/s | KV held {gen.kv_bytes / 2**20:.2f} MiB ({gen.kv_bytes} bytes) | "
+        f"after eviction ({policy}, budget {budget}): {per_head:g} of {s['tokens_full']} tokens per head, "
+        f"{s['kv_bytes_held'] / 2**20:.2f} of {s['kv_bytes_full'] / 2**20:.2f} MiB"
     )
 
 
@@ -89,24 +105,34 @@ def run(args, prompt: str):
     # torch and the engine are imported once the cheap checks have passed, so a typo fails at once
     import torch
 
-    from tinytis.engine import SamplingParams, generate
+    from tinytis.engine import SamplingParams, decode, prefill
+    from tinytis.manager import CacheManager, ManagerConfig
     from tinytis.model import Transformer
+    from tinytis.policies import make_policy
     from tinytis.tokenizer import StreamDecoder, Tokenizer
     from tinytis.weights import resolve_model_dir
 
+    config = ManagerConfig(args.budget, prefill_chunk=args.prefill_chunk, decode_budget=args.decode_budget)
     path = resolve_model_dir(args.model)
     model = Transformer.from_pretrained(path, getattr(torch, args.dtype), quant=args.quant)
+    policy = make_policy(args.policy, path, model.args)
     tokenizer = Tokenizer.from_dir(path)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise UserError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}")
-    if args.budget is not None:
-        print("note: --budget is validated but not applied yet; the cache is dense", file=sys.stderr)
     ids = tokenizer.encode(prompt)
-    stream = StreamDecoder(tokenizer, ids)
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    gen = generate(model, [ids], params, tokenizer.eos_id, on_token=lambda b, t: print(stream.push(t), end="", flush=True))
-    print(stream.flush())
-    print(stats_line(gen))
+    state = prefill(model, [ids], CacheManager(model.args, policy, config))
+    for question in args.question or [None]:
+        q = None if question is None else tokenizer.encode(question, bos=False)
+        if question is not None:
+            print(f"Q: {question}")
+        stream = StreamDecoder(tokenizer, ids + (q or []))
+        answering = state.fork() if args.question else state
+        gen = decode(model, answering, q and [q], params, tokenizer.eos_id,
+                     on_token=lambda b, t: print(stream.push(t), end="", flush=True))
+        answering.free()
+        print(stream.flush())
+        print(stats_line(gen, args.policy, args.budget))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ from tinytis.config import ModelArgs
 from tinytis.engine import SamplingParams, answer, generate
 from tinytis.manager import CacheManager, ManagerConfig
 from tinytis.model import Transformer
-from tinytis.policies import POLICIES
 from tinytis.policies.baselines import Random
 
+HEURISTICS = ["full", "random", "streaming", "h2o", "tova", "snapkv", "knorm", "oracle"]  # tis needs trained parts
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=101, rope_theta=1e4)
 
 
@@ -172,7 +172,7 @@ MODES = {
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("policy", HEURISTICS)
 def test_evicted_forward_equals_masked_dense(policy, mode):
     if policy == "oracle" and mode == "chunked":
         pytest.skip("the oracle scores the whole context in one pass")
@@ -264,7 +264,7 @@ def check_pool(pool, caches):
 
 op = st.one_of(
     st.tuples(st.just("append"), st.integers(0, 1), st.lists(st.integers(0, 9), min_size=3, max_size=3)),
-    st.tuples(st.just("evict"), st.integers(0, 1), st.integers(0, 12)),
+    st.tuples(st.just("evict"), st.integers(0, 1), st.integers(-5, 12)),
     st.tuples(st.just("free"), st.integers(0, 1), st.integers(0, 2)),
 )
 
@@ -284,13 +284,16 @@ def test_pool_invariants_under_random_operations(ops, n_sink, n_recent, head_ada
         elif kind == "free":
             seqs.free(arg % B)
         else:
-            budget = torch.full((SMALL.n_layers, B), n_sink + n_recent + arg)
+            k = max(1, n_sink + n_recent + arg)  # may be below the anchors: then the sinks, then the newest
+            budget = torch.full((SMALL.n_layers, B), k)
             before, last = held(seqs.cache), seqs.manager.last_pos.clone()
             seqs.manager.evict(seqs.cache, budget)
             after = held(seqs.cache)
+            sinks = min(n_sink, k)
+            recent = min(n_recent, k - sinks)
             for (l, b, h), pos in after.items():
                 assert set(pos) <= set(before[l, b, h]), "eviction added a token"
-                anchors = {p for p in before[l, b, h] if p < n_sink or p > last[b] - n_recent}
+                anchors = {p for p in before[l, b, h] if p < sinks or p > last[b] - recent}
                 assert anchors <= set(pos), "an anchor was evicted"
                 if not head_adaptive:
                     assert len(pos) == min(len(before[l, b, h]), int(budget[l, b]))

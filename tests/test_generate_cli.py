@@ -24,7 +24,14 @@ ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden
 PROMPT = "The grass is green. The sky is"
 STATS = re.compile(
     r"\[tinytis\] prompt tokens (\d+) \| new tokens (\d+) \| prefill [\d.]+ tok/s \| decode [\d.]+ tok/s \| KV held [\d.]+ MiB \((\d+) bytes\)"
+    r" \| after eviction \(\w+, budget [\d.]+\): [\d.]+ of \d+ tokens per head, [\d.]+ of [\d.]+ MiB"
 )
+PAGE = 16
+
+
+def paged_bytes(tokens, element_size):
+    """Bytes of the KV pages (16 tokens each) that hold this many tokens in every layer and KV head."""
+    return -(-tokens // PAGE) * PAGE * ARGS.n_layers * ARGS.n_kv_heads * ARGS.head_dim * 2 * element_size
 
 
 def run(*args, cwd=ROOT, script=ROOT / "generate.py", env=None):
@@ -67,8 +74,7 @@ def test_streams_the_answer_then_stats(model_dir, flags, params):
     answer, stats = r.stdout.rsplit("\n", 2)[:2] if r.stdout.endswith("\n") else (None, None)
     assert answer == text
     m = STATS.fullmatch(stats)
-    kv_bytes = (n_prompt + n_new - 1) * ARGS.n_layers * ARGS.n_kv_heads * ARGS.head_dim * 2 * 4
-    assert m and [int(g) for g in m.groups()] == [n_prompt, n_new, kv_bytes], stats
+    assert m and [int(g) for g in m.groups()] == [n_prompt, n_new, paged_bytes(n_prompt + n_new - 1, 4)], stats
 
 
 def test_bfloat16_and_prompt_file(model_dir, tmp_path):
@@ -77,7 +83,7 @@ def test_bfloat16_and_prompt_file(model_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     m = STATS.fullmatch(r.stdout.splitlines()[-1])
     n_prompt, n_new, kv_bytes = (int(g) for g in m.groups())
-    assert kv_bytes == (n_prompt + n_new - 1) * ARGS.n_layers * ARGS.n_kv_heads * ARGS.head_dim * 2 * 2
+    assert kv_bytes == paged_bytes(round(0.5 * n_prompt) + n_new - 1, 2)  # half the prompt kept, then the answer
 
 
 def corrupt_cases(model_dir, tmp: Path):

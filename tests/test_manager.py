@@ -137,6 +137,16 @@ def test_fork_answers_several_questions_from_one_compressed_context():
         assert answer(model, context, [q], params, "knorm", 0.5, n_sink=4, n_recent=8).tokens[0] == got
 
 
+@pytest.mark.parametrize("budget", [2, 5, 9])
+def test_budget_below_the_anchors_keeps_the_sinks_then_the_newest(budget):
+    state = prefill(tiny_model(), prompts([80]), manager("random", budget))  # anchors: 4 sinks, 8 recent
+    sinks = min(4, budget)
+    kept = set(range(sinks)) | set(range(80 - (budget - sinks), 80))
+    for l in range(ARGS.n_layers):
+        for h in range(ARGS.n_kv_heads):
+            assert set(state.cache.pos[l, 0, h, : state.cache.length[l, 0, h]].tolist()) == kept
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda m, c: answer(m, c, None, SamplingParams(), "nope", 0.5), "unknown policy"),
     (lambda m, c: answer(m, c, None, SamplingParams(), "snapkv", 0), "budget 0"),
@@ -149,9 +159,77 @@ def test_fork_answers_several_questions_from_one_compressed_context():
     (lambda m, c: answer(m, c, None, SamplingParams(), "oracle", 0.5, references=[[]]), "reference answer"),
     (lambda m, c: answer(m, c, None, SamplingParams(), "snapkv", 0.5, schedule="zigzag"), "schedule"),
     (lambda m, c: answer(m, c, [[]], SamplingParams(), "snapkv", 0.5), "question"),
-    (lambda m, c: answer(m, c, None, SamplingParams(), "snapkv", 5), "anchor"),
 ])
 def test_bad_input_is_a_one_line_user_error(call, message):
     with pytest.raises(UserError) as e:
         call(tiny_model(), prompts([80]))
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# -- generate.py --------------------------------------------------------------------------------------------------
+
+CLI_ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64, vocab_size=32768)
+DOCUMENT = "The pass key is 4172. Remember it. " + "The grass is green. The sky is blue. " * 8
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    import shutil
+    from pathlib import Path
+
+    from tinytis.weights import save_hf
+
+    mistral_common = pytest.importorskip("mistral_common")
+    path = tmp_path_factory.mktemp("model")
+    model = Transformer(CLI_ARGS)
+    model.init_weights(seed=0, std=0.3)
+    save_hf(model.state_dict(), path, CLI_ARGS)
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3", path / "tokenizer.model")
+    (path / "doc.txt").write_text(DOCUMENT)
+    return path
+
+
+def generate_py(*args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(root / "generate.py"), *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def test_cli_answers_each_question_from_the_compressed_prompt(cli_model):
+    from tinytis.tokenizer import Tokenizer
+
+    questions = ["What is the pass key?", "What colour is the sky?"]
+    r = generate_py("--model", cli_model, "--prompt-file", cli_model / "doc.txt", "--budget", 0.5, "--policy", "knorm",
+                    "--max-new-tokens", 6, "--question", questions[0], "--question", questions[1])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 6
+    tok = Tokenizer.from_dir(cli_model)
+    model = Transformer.from_pretrained(cli_model)
+    ids = tok.encode(DOCUMENT)
+    for i, question in enumerate(questions):
+        q = tok.encode(question, bos=False)
+        gen = answer(model, [ids], [q], SamplingParams(max_new_tokens=6), "knorm", 0.5, tok.eos_id)
+        expected = tok.decode(ids + q + gen.tokens[0])[len(tok.decode(ids + q)):]
+        assert lines[3 * i] == f"Q: {question}"
+        assert lines[3 * i + 1] == expected
+        kept = round(0.5 * len(ids))
+        assert f"after eviction (knorm, budget 0.5): {kept} of {len(ids)} tokens per head" in lines[3 * i + 2]
+
+
+@pytest.mark.parametrize("flags,word", [
+    (("--policy", "nope"), "unknown policy"),
+    (("--budget", "5000"), "more than the"),
+    (("--prefill-chunk", "0"), "--prefill-chunk"),
+    (("--policy", "oracle"), "reference answer"),
+])
+def test_cli_bad_input_is_one_line_exit_2(cli_model, flags, word):
+    r = generate_py("--model", cli_model, "--prompt-file", cli_model / "doc.txt", *flags)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and word in r.stderr and r.stdout == ""

@@ -154,14 +154,10 @@ def test_context_carries_ids_and_hidden_states_of_held_tokens():
     model = Transformer(args)
     model.init_weights(0, std=0.1)
     policy = Recorder()
-    POLICIES["recorder"] = lambda: policy
-    try:
-        g = torch.Generator().manual_seed(1)
-        contexts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (60, 45)]
-        answer(model, contexts, None, SamplingParams(max_new_tokens=6), "recorder", 24, n_sink=2, n_recent=2,
-               prefill_chunk=16, decode_budget=24, decode_buffer=2)
-    finally:
-        del POLICIES["recorder"]
+    g = torch.Generator().manual_seed(1)
+    contexts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (60, 45)]
+    answer(model, contexts, None, SamplingParams(max_new_tokens=6), policy, 24, n_sink=2, n_recent=2,
+           prefill_chunk=16, decode_budget=24, decode_buffer=2)
     assert len(policy.contexts) > 4  # after chunks and during decoding
     with torch.inference_mode():
         for ctx in policy.contexts:

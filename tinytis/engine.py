@@ -12,7 +12,7 @@ from tinytis.cache import DenseKVCache, PagedKVCache, PagePool
 from tinytis.errors import UserError
 from tinytis.manager import CacheManager, ManagerConfig
 from tinytis.model import Transformer
-from tinytis.policies import make_policy
+from tinytis.policies import Policy, make_policy
 
 
 @dataclass
@@ -202,14 +202,16 @@ def decode(model: Transformer, state: Prefilled, questions: list[list[int]] | No
 
 
 def answer(model: Transformer, contexts: list[list[int]], questions: list[list[int]] | None, params: SamplingParams,
-           policy: str, budget: float | int, eos_id: int | None = None, references: list[list[int]] | None = None,
-           **options) -> Generation:
+           policy: str | Policy, budget: float | int, eos_id: int | None = None,
+           references: list[list[int]] | None = None, **options) -> Generation:
     """Compress each context with the policy to the budget, then answer its question from the compressed cache.
 
     Query-agnostic: the question is not seen before eviction (for the query-aware setting put the question at the
     end of the context and pass questions=None). budget: per (layer, KV head), a fraction of each context in
-    (0, 1] or a token count > 1. references: answer ids for the oracle policy. options: ManagerConfig fields
-    (n_sink, n_recent, schedule, head_adaptive, prefill_chunk, decode_budget, decode_buffer).
+    (0, 1] or a token count > 1. policy: a name in POLICIES or a Policy (e.g. one loaded with its weights).
+    references: answer ids for the oracle policy. options: ManagerConfig fields (n_sink, n_recent, schedule,
+    head_adaptive, prefill_chunk, decode_budget, decode_buffer).
     """
-    manager = CacheManager(model.args, make_policy(policy), ManagerConfig(budget, **options))
+    policy = make_policy(policy) if isinstance(policy, str) else policy
+    manager = CacheManager(model.args, policy, ManagerConfig(budget, **options))
     return decode(model, prefill(model, contexts, manager, references), questions, params, eos_id)

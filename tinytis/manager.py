@@ -29,8 +29,8 @@ def check_budget(budget, name: str = "budget"):
 @dataclass
 class ManagerConfig:
     budget: float | int  # tokens kept per (layer, KV head): a fraction of the prompt (0 < b <= 1) or a count (> 1)
-    n_sink: int = 4  # the first tokens of a sequence are always kept
-    n_recent: int = 16  # the newest tokens are always kept
+    n_sink: int = 4  # the first tokens of a sequence are always kept (within the budget)
+    n_recent: int = 16  # the newest tokens are always kept (within what the budget leaves after the sinks)
     schedule: str = "uniform"  # per-layer budgets: "uniform", or "pyramid" (more in lower layers, same total)
     head_adaptive: bool = False  # one budget per layer, shared across its KV heads by score (AdaKV)
     prefill_chunk: int | None = None  # prefill this many tokens at a time and evict after each chunk
@@ -102,6 +102,12 @@ class CacheManager:
         other.tokens = [copy.copy(store) for store in self.tokens]
         return other
 
+    def compress(self, cache: PagedKVCache, policy: Policy, budget):
+        """Score with `policy` and evict to `budget` from now on: compresses one prefilled cache (or a fork of it)
+        another way. The policy may only need what the prefill recorded (same Needs)."""
+        self.policy, self.budget = policy, self._budgets(budget, self.lengths)
+        self.evict(cache, self.budget)
+
     def _budgets(self, budget, lengths) -> torch.Tensor:
         """Tokens per KV head, (L, B), for a budget given as a fraction of each prompt or as a count."""
         L, anchors = self.args.n_layers, self.config.n_sink + self.config.n_recent
@@ -110,11 +116,8 @@ class CacheManager:
             k = max(1, round(budget * n)) if isinstance(budget, float) else budget
             if k > n:
                 raise UserError(f"budget of {k} tokens is more than the {n}-token prompt; give at most {n} or a fraction")
-            if k < min(anchors, n):
-                raise UserError(f"budget of {k} tokens for a {n}-token prompt is below the {anchors} anchor tokens "
-                                "(n_sink + n_recent); raise the budget or lower the anchors")
             if self.config.schedule == "pyramid" and L > 1:
-                lo = max(min(anchors, n), k // PYRAMID_BETA)
+                lo = min(k, max(anchors, k // PYRAMID_BETA))
                 hi = 2 * k - lo
                 columns.append([min(n, math.floor(hi - (hi - lo) * l / (L - 1))) for l in range(L)])
             else:
@@ -172,11 +175,13 @@ class CacheManager:
             if n:
                 scores[:, b, :, :n] = self.policy.score(self.context(cache, b, n, budget[:, b]))
         pos = cache.pos[..., :S]
-        recent = self.last_pos.to(pos.device)[None, :, None, None] - self.config.n_recent
-        anchors = (pos >= 0) & ((pos < self.config.n_sink) | (pos > recent))
+        k = budget.to(pos.device)[..., None, None]  # (L, B, 1, 1)
+        n_sink = k.clamp(max=self.config.n_sink)  # a budget below the anchors keeps the sinks, then the newest
+        n_recent = (k - n_sink).clamp(max=self.config.n_recent)
+        anchors = (pos >= 0) & ((pos < n_sink) | (pos > self.last_pos.to(pos.device)[None, :, None, None] - n_recent))
         # anchors rank above everything, even a policy's own +inf (SnapKV's window, H2O's recent half)
         scores = scores.clamp(max=torch.finfo(scores.dtype).max).masked_fill(anchors, math.inf).masked_fill(pos < 0, -math.inf)
-        cache.compact(top_k(scores, budget.to(pos.device), self.config.head_adaptive) & (pos >= 0))
+        cache.compact(top_k(scores, k[..., 0, 0], self.config.head_adaptive) & (pos >= 0))
         self._prune(cache)
         self.evict_s += time.perf_counter() - t0
 
