@@ -278,7 +278,8 @@ def overhead(a):
     """Prefill one random prompt with each policy at the budget; the fastest of --reps runs of each, interleaved."""
     from tinytis.engine import prefill
     from tinytis.manager import CacheManager, ManagerConfig
-    from tinytis.policies import make_policy
+    from tinytis.importance import TIS
+    from tinytis.policies import TISPolicy, make_policy
 
     torch.set_num_threads(a.threads)
     args = model_args(a)
@@ -290,7 +291,8 @@ def overhead(a):
     best = {}  # policy -> (forward s, evict s) of its fastest run
     for _ in range(a.reps):
         for name in policies:
-            state = prefill(model, [prompt], CacheManager(args, make_policy(name), ManagerConfig(a.budget)))
+            policy = TISPolicy(TIS(args)) if name == "tis" else make_policy(name)  # an untrained head costs the same
+            state = prefill(model, [prompt], CacheManager(args, policy, ManagerConfig(a.budget)))
             run = (state.prefill_s - state.manager.evict_s, state.manager.evict_s)
             if name not in best or sum(run) < sum(best[name]):
                 best[name] = run
@@ -325,7 +327,7 @@ def main():
     add_shape_flags(s, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=768, vocab_size=32768)
     s.add_argument("--prompt-len", type=int, default=4096)
     s.add_argument("--budget", type=float, default=0.5)
-    s.add_argument("--policies", nargs="+", default=["snapkv", "streaming", "random", "knorm", "tova", "h2o"])
+    s.add_argument("--policies", nargs="+", default=["snapkv", "streaming", "random", "knorm", "tova", "h2o", "tis"])
     s.add_argument("--reps", type=int, default=3)
     s.add_argument("--threads", type=int, default=torch.get_num_threads())
     s.set_defaults(run=overhead)

@@ -27,4 +27,4 @@ def make_policy(name: str, model_dir=None, args=None) -> Policy:
     return POLICIES[name].for_model(model_dir, args)
 
 
-__all__ = ["POLICIES", "make_policy", "Needs", "Policy", "ScoreContext"]
+__all__ = ["POLICIES", "make_policy", "Needs", "Policy", "ScoreContext", "TISPolicy"]
