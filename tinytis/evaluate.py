@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from tinytis.engine import SamplingParams, decode, prefill
+from tinytis.errors import UserError
 from tinytis.manager import CacheManager, ManagerConfig
 from tinytis.policies import Policy, make_policy
 from tinytis.tasks import Sample, fidelity, litm, narrative, niah
@@ -231,7 +232,10 @@ def summarize(rows: list[Row]) -> dict:
 def read_csv(path: Path) -> list[Row]:
     types = {name: f.type for name, f in Row.__dataclass_fields__.items()}  # str, int or float
     with open(path, newline="") as f:
-        return [Row(**{k: types[k](v) for k, v in r.items()}) for r in csv.DictReader(f)]
+        reader = csv.DictReader(f)
+        if reader.fieldnames != list(types):
+            raise UserError(f"{path} is not a results CSV written by eval.py (its columns differ)")
+        return [Row(**{k: types[k](v) for k, v in r.items()}) for r in reader]
 
 
 def format_summary(rows: list[Row]) -> str:
