@@ -36,7 +36,7 @@ def paged_bytes(tokens, element_size):
 
 def run(*args, cwd=ROOT, script=ROOT / "generate.py", env=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=1200)
 
 
 @pytest.fixture(scope="module")
