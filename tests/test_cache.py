@@ -67,6 +67,20 @@ def test_no_eviction_is_bit_identical_to_dense(policy, budget):
     assert paged.stats["tokens_held"] == [[sum(map(len, batch))] * ARGS.n_kv_heads] * ARGS.n_layers
 
 
+def test_sliding_window_is_bit_identical_to_dense():
+    args = ModelArgs(**{**ARGS.__dict__, "sliding_window": 24})
+    batch, params = prompts([60, 41]), SamplingParams(max_new_tokens=8)
+    models = [Transformer(args), Transformer(args)]
+    for model in models:
+        model.init_weights(0, std=0.1)
+    dense_logits, paged_logits = record_logits(models[0]), record_logits(models[1])
+    dense = generate(models[0], batch, params)
+    paged = answer(models[1], batch, None, params, "full", 1.0)
+    assert paged.tokens == dense.tokens
+    assert len(paged_logits) == len(dense_logits) == 8
+    assert all(torch.equal(a, b) for a, b in zip(paged_logits, dense_logits))
+
+
 def test_generate_with_a_paged_cache_is_bit_identical():
     batch = prompts([33, 64, 17])
     params = SamplingParams(max_new_tokens=10)
@@ -163,11 +177,12 @@ def replay_dense(model, forwards):
     return worst
 
 
-MODES = {
-    "oneshot": dict(),
-    "chunked": dict(prefill_chunk=24),
-    "decode": dict(decode_budget=0.3, decode_buffer=3),
-    "ada-pyramid": dict(head_adaptive=True, schedule="pyramid"),
+MODES = {  # mode -> budget, manager options
+    "oneshot": (0.4, dict()),
+    "tiny": (0.12, dict()),  # below the anchors in the shorter rows: only sinks and newest are left
+    "chunked": (40, dict(prefill_chunk=24)),
+    "decode": (0.4, dict(decode_budget=0.3, decode_buffer=3)),
+    "ada-pyramid": (0.4, dict(head_adaptive=True, schedule="pyramid")),
 }
 
 
@@ -179,11 +194,11 @@ def test_evicted_forward_equals_masked_dense(policy, mode):
     contexts = prompts([90, 67, 75], seed=1)
     questions = prompts([5, 9, 3], seed=2)
     references = prompts([6, 4, 8], seed=3) if policy == "oracle" else None
-    budget = 40 if mode == "chunked" else 0.4
+    budget, options = MODES[mode]
     model = tiny_model()
     forwards = record_forwards(model)
     gen = answer(model, contexts, questions, SamplingParams(max_new_tokens=10), policy, budget, references=references,
-                 n_sink=4, n_recent=8, **MODES[mode])
+                 n_sink=4, n_recent=8, **options)
     held = sum(map(sum, gen.stats["tokens_held"]))
     full = gen.stats["tokens_full"] * ARGS.n_layers * ARGS.n_kv_heads
     assert held == full if policy == "full" else held < full

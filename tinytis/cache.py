@@ -102,7 +102,7 @@ class Observe:
     """Attention statistics a PagedKVCache records for the eviction policy while it runs attention."""
 
     mass: bool = False  # add the attention each query puts on a slot to that slot's mass, mean over the GQA group
-    window: torch.Tensor | None = None  # (B,): keep, per query head, the attention of each row's last window[b] queries of a forward
+    window: torch.Tensor | None = None  # (B,): per query head, the attention of each row's last window[b] queries
 
 
 class PagedKVCache:
@@ -272,14 +272,15 @@ class PagedKVCache:
         block = max(1, 2**24 // (B * H * Tk))
         for t0 in range(first, T, block):
             t1 = min(T, t0 + block)
+            n = Tk - (T - t1)  # keys are in position order and the last T - t1 are after every real query of the block
             qb = (q[:, :, t0:t1] * D**-0.5).reshape(B, KV, G * (t1 - t0), D).to(mass.dtype)
-            logits = (qb @ keys.to(mass.dtype).transpose(-1, -2)).view(B, KV, G, t1 - t0, Tk)
-            seen = visible[:, :, t0:t1]  # (B, H or 1, tb, Tk)
-            seen = seen.view(B, KV, G, t1 - t0, Tk) if seen.shape[1] == H else seen[:, :, None]
-            probs = logits.masked_fill_(~seen, float("-inf")).softmax(-1)  # (B, KV, G, tb, Tk)
-            counted = counts[..., t0:t1] @ probs  # (B, KV, G, 2, Tk): summed over the queries each statistic counts
-            mass += counted[:, :, :, 0].mean(2)
-            window += counted[:, :, :, 1]
+            logits = (qb @ keys[:, :, :n].to(mass.dtype).transpose(-1, -2)).view(B, KV, G, t1 - t0, n)
+            seen = visible[:, :, t0:t1, :n]  # (B, H or 1, tb, n)
+            seen = seen.view(B, KV, G, t1 - t0, n) if seen.shape[1] == H else seen[:, :, None]
+            probs = logits.masked_fill_(~seen, float("-inf")).softmax(-1)  # (B, KV, G, tb, n)
+            counted = counts[..., t0:t1] @ probs  # (B, KV, G, 2, n): summed over the queries each statistic counts
+            mass[..., :n] += counted[:, :, :, 0].mean(2)
+            window[..., :n] += counted[:, :, :, 1]
         ok = key_slot >= 0  # (B, KV, Tk)
         idx = key_slot.clamp(min=0)
         if obs.mass:
