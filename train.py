@@ -266,7 +266,7 @@ def evaluate_tis(model, tis, tok, budget: float, anchors, n: int = 32, length: i
         ctx_ids, ctx_pos, cont_ids, cont_pos, cont_mask = context_batch(tok, samples)
         cache = ContextKV()
         hidden = model.hidden_states(ctx_ids, ctx_pos, cache)
-        log_m = soft_keep_log_mask(tis(hidden, ctx_ids), ctx_pos, budget, *anchors, temperature=1e-4)
+        log_m = soft_keep_log_mask(tis(hidden, ctx_ids), ctx_pos, budget, *anchors)
         cache.key_bias = torch.where(log_m > math.log(0.5), 0.0, float("-inf"))
         logits = model(cont_ids, cont_pos, cache)
         answer_start = torch.tensor([len(tok.encode(s.question, bos=False)) - 1 for s in samples])[:, None]

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinytis.cache import DenseKVCache, PagedKVCache, PagePool
+from random_model import random_model, random_prompts
 from tinytis.config import ModelArgs
 from tinytis.engine import SamplingParams, answer, generate
 from tinytis.manager import CacheManager, ManagerConfig
@@ -25,14 +26,11 @@ ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidde
 
 
 def tiny_model(seed=0):
-    model = Transformer(ARGS)
-    model.init_weights(seed, std=0.1)
-    return model.eval()
+    return random_model(ARGS, seed)
 
 
 def prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, ARGS.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    return random_prompts(ARGS, lengths, seed)
 
 
 def record_logits(model):

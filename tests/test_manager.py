@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tinytis.cache import PagedKVCache, PagePool
+from random_model import random_model, random_prompts
 from tinytis.config import ModelArgs
 from tinytis.engine import SamplingParams, answer, decode, prefill
 from tinytis.errors import UserError
@@ -18,14 +19,11 @@ PAGE = 16
 
 
 def tiny_model(seed=0):
-    model = Transformer(ARGS)
-    model.init_weights(seed, std=0.1)
-    return model.eval()
+    return random_model(ARGS, seed)
 
 
 def prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, ARGS.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    return random_prompts(ARGS, lengths, seed)
 
 
 def manager(policy="snapkv", budget=0.5, **config):
