@@ -2,6 +2,7 @@
 
     python eval.py niah                      # every policy, budgets 0.25/0.5/0.75/1.0, query-agnostic
     python eval.py all --n-samples 100 --setting both --output docs/results.csv --plot docs/plots
+    torchrun --nproc_per_node 2 eval.py niah   # the grid sharded over 2 processes, one CSV from rank 0
 
 Writes a CSV (one row per cell and metric), a timing sidecar (tokens/s, peak KV bytes), prints a
 summary table, and with --plot draws NIAH heatmaps and budget curves.
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from tinytis import shard
 from tinytis.errors import ArgumentParser, UserError, run_cli
 from tinytis.evaluate import TASKS, Evaluator, format_summary, plot, read_csv, write_csv, write_timing
 from tinytis.manager import check_budget
@@ -48,7 +50,8 @@ def main():
                         help="print the summary tables of earlier results (and --plot them) instead of evaluating")
     parser.add_argument("--benchmark", dest="benchmark", choices=TASKS + ("all",), help=argparse_alias("task"))
     parser.add_argument("--policies", "--baseline", default=None,
-                        help="comma-separated policies (default: every available policy)")
+                        help="comma-separated policies (default: every available policy); tis=FILE: tis with the "
+                             "components in FILE")
     parser.add_argument("--budgets", "--cache_budgets", default="0.25,0.5,0.75,1.0",
                         help="comma-separated budgets: fractions in (0, 1] or token counts > 1")
     parser.add_argument("--lengths", default="512,1024,2048", help="context lengths in tokens")
@@ -78,7 +81,7 @@ def main():
     if task is None:
         raise UserError("name a task: niah, litm, narrative, fidelity or all")
     policies = args.policies.split(",") if args.policies else list(POLICIES)
-    unknown = [p for p in policies if p not in POLICIES]
+    unknown = [p for p in policies if p.partition("=")[0] not in POLICIES]
     if unknown:
         raise UserError(f"unknown policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
     budgets = [budget_value(b) for b in args.budgets.split(",") if b.strip()]
@@ -103,7 +106,11 @@ def main():
     tasks = [t for t in TASKS if task in (t, "all")]
     settings = ["agnostic", "aware"] if args.setting == "both" else [args.setting]
     evaluator = Evaluator(model, Tokenizer.from_dir(model_dir), model_dir, args.batch_size, args.seed)
-    rows = evaluator.run(tasks, policies, budgets, settings, lengths, depths, litm_docs, args.n_samples)
+    rank, world = shard.init()
+    rows = evaluator.run(tasks, policies, budgets, settings, lengths, depths, litm_docs, args.n_samples, rank, world)
+    shard.close(world)
+    if rank != 0:
+        return
     output = Path(args.output)
     write_csv(rows, output)
     write_timing(evaluator.timing, output.with_name(output.stem + ".timing.csv"))

@@ -8,8 +8,8 @@ import pytest
 ROOT = Path(__file__).parents[1]
 
 
-def run_eval(*args):
-    return subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True,
+def run_eval(*args, launcher=()):
+    return subprocess.run([sys.executable, *launcher, "eval.py", *args], cwd=ROOT, capture_output=True, text=True,
                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, timeout=600)
 
 
@@ -30,9 +30,25 @@ def test_same_command_twice_gives_an_identical_csv(tmp_path):
     assert report.returncode == 0 and "| tis |" in report.stdout
 
 
+def test_torchrun_over_two_processes_gives_the_csv_of_one(tmp_path):
+    """Each rank runs every other cell; rank 0 merges them into the single-process CSV, byte for byte."""
+    args = ["all", "--policies", "full,snapkv", "--budgets", "0.25,1.0", "--lengths", "256", "--depths", "0,1",
+            "--litm-docs", "4", "--n-samples", "1", "--threads", "1"]
+    one = run_eval(*args, "--output", str(tmp_path / "one.csv"))
+    two = run_eval(*args, "--output", str(tmp_path / "two.csv"),
+                   launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"))
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    assert (tmp_path / "one.csv").read_text() == (tmp_path / "two.csv").read_text()
+    timings = [(tmp_path / f).read_text().splitlines() for f in ("one.timing.csv", "two.timing.csv")]
+    assert [line.split(",")[:4] for line in timings[0]] == [line.split(",")[:4] for line in timings[1]]
+
+
 @pytest.mark.parametrize("args,message", [
     (["sudoku"], "invalid choice"),
     (["niah", "--policies", "nope"], "unknown policy"),
+    (["niah", "--policies", "tis=missing.pt"], "missing.pt not found"),
+    (["niah", "--policies", "snapkv=x.pt"], "only tis takes a components file"),
     (["niah", "--budgets", "0"], "budget 0"),
     (["niah", "--budgets", "1.5"], "budget 1.5"),
     (["niah", "--budgets", "half"], "not a number"),

@@ -132,6 +132,24 @@ def test_full_keeps_everything():
         assert got == set(range(shape[2][b]))
 
 
+class OldestFirst(Policy):
+    """Prefers the oldest tokens and carries its own anchors, as a learned policy does from its training."""
+
+    anchors = (1, 5)
+
+    def score(self, ctx):
+        return -ctx.positions.double()
+
+
+def test_a_policy_with_its_own_anchors_is_evicted_with_them():
+    """The manager's anchors here are 2 sinks and 3 recent; the policy's 1 and 5 win."""
+    shape = SHAPES[0]
+    _, _, _, _, kept = run(OldestFirst(), shape, 20)
+    for (l, b, h), got in kept.items():
+        n = shape[2][b]
+        assert got == {0} | set(range(1, 15)) | set(range(n - 5, n)), (l, b, h)
+
+
 class Recorder(Policy):
     """Keeps the newest tokens and remembers the contexts it was given."""
 

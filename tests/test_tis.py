@@ -12,6 +12,7 @@ from tinytis.ert import ContextKV, anchor_mask, soft_keep_log_mask
 from tinytis.errors import UserError
 from tinytis.importance import TIS
 from tinytis.model import Transformer
+from tinytis.policies import TISPolicy
 from tinytis.tasks import training
 from tinytis.tokenizer import Tokenizer
 from tinytis.weights import save_hf
@@ -35,6 +36,18 @@ def test_scores_have_one_value_per_layer_head_and_token():
     tis = TIS(SMALL)
     h, ids = torch.randn(3, 7, SMALL.dim), torch.randint(0, SMALL.vocab_size, (3, 7))
     assert tis(h, ids).shape == (3, SMALL.n_layers, SMALL.n_kv_heads, 7)
+
+
+def test_shared_score_head_gives_every_layer_and_head_the_same_score(tmp_path):
+    tis = TIS(SMALL, per_head=False)
+    torch.nn.init.normal_(tis.importance_embedding.weight)
+    h, ids = torch.randn(3, 7, SMALL.dim), torch.randint(0, SMALL.vocab_size, (3, 7))
+    s = tis(h, ids)
+    assert tis.importance_head.fc2.out_features == 1
+    assert s.shape == (3, SMALL.n_layers, SMALL.n_kv_heads, 7) and torch.equal(s, s[:, :1, :1].expand_as(s))
+    tis.save(tmp_path / "shared.pt")
+    loaded = TIS.load(tmp_path / "shared.pt", SMALL)
+    assert loaded.meta["per_head"] is False and torch.equal(loaded(h, ids), s)
 
 
 @pytest.mark.parametrize("budget", [0.05, 0.25, 0.5, 0.9])
@@ -68,7 +81,10 @@ def _batch(model_dir, n=4, length=96, seed=0):
     tok = Tokenizer.from_dir(model_dir)
     count = lambda s: len(tok.encode(s, bos=False))
     rng = random.Random(seed)
-    return train.context_batch(tok, [training.sample(rng, length, count, ["passkey", "multikey"]) for _ in range(n)])
+    samples = [training.sample(rng, length, count, ["passkey", "multikey"]) for _ in range(n)]
+    for s in samples:
+        s.followups = []  # one question per context: the KL is over the asked fact alone
+    return train.context_batch(tok, samples)
 
 
 def test_soft_mask_gives_gradient_to_the_head_and_not_to_the_model(model_dir):
@@ -84,33 +100,38 @@ def test_soft_mask_gives_gradient_to_the_head_and_not_to_the_model(model_dir):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def hard_kl(model, tis, batch, budget, anchors):
-    """KL(full || evicted) with the hard top-k eviction inference uses."""
+def hard_kl(model, score, batch, budget, anchors):
+    """KL(full || evicted) with the hard top-k eviction inference uses; score(hidden, ctx_ids, oracle mass) ->
+    (B, L, KV, C) scores."""
     ctx_ids, ctx_pos, cont_ids, cont_pos, cont_mask = batch
     with torch.no_grad():
         cache = ContextKV()
         hidden = model.hidden_states(ctx_ids, ctx_pos, cache)
         full = model(cont_ids, cont_pos, cache)
-        log_m = soft_keep_log_mask(tis(hidden, ctx_ids), ctx_pos, budget, *anchors)
+        log_m = soft_keep_log_mask(score(hidden, ctx_ids, cache.mass), ctx_pos, budget, *anchors)
         cache.key_bias = torch.where(log_m > math.log(0.5), 0.0, float("-inf"))
         evicted = model(cont_ids, cont_pos, cache)
     return train.kl_full_evicted(full, evicted, cont_mask).item()
 
 
-def test_a_few_ert_steps_lower_the_kl(model_dir):
+def test_a_few_ert_steps_lower_the_kl_below_the_attention_oracle(model_dir):
+    """40 ERT steps lower the hard-eviction KL of an untrained head below that of keeping what the continuation
+    attends to most (the oracle labels): ERT optimises the KL itself, not the attention mass."""
     torch.manual_seed(0)
     model = Transformer.from_pretrained(model_dir).requires_grad_(False)
     batch, anchors = _batch(model_dir, n=8), (2, 4)
     tis = TIS(SMALL)
     opt = torch.optim.AdamW(tis.parameters(), lr=3e-3)
-    start = hard_kl(model, tis, batch, 0.25, anchors)
+    learned = lambda hidden, ids, mass: tis(hidden, ids)
+    start = hard_kl(model, learned, batch, 0.25, anchors)
+    oracle = hard_kl(model, lambda hidden, ids, mass: mass, batch, 0.25, anchors)
     for _ in range(40):
         align, kl = train.tis_losses(model, tis, batch, 0.25, anchors)
         opt.zero_grad()
         (kl + 0.1 * align).backward()
         opt.step()
-    end = hard_kl(model, tis, batch, 0.25, anchors)
-    assert end < 0.7 * start, (start, end)
+    end = hard_kl(model, learned, batch, 0.25, anchors)
+    assert end < oracle < start, (start, end, oracle)
 
 
 def test_components_round_trip_and_reject_foreign_files(tmp_path):
@@ -122,6 +143,8 @@ def test_components_round_trip_and_reject_foreign_files(tmp_path):
     assert set(blob) == {"importance_embedding", "importance_head", "attn_hook_lambda", "meta"}
     loaded = TIS.load(path, SMALL)
     assert loaded.attn_hook_lambda == 0.5 and loaded.meta["stage"] == "ert"
+    assert TISPolicy(loaded).anchors is None  # no anchors recorded: the manager's
+    assert TISPolicy(TIS(SMALL, meta={"anchors": {"n_sink": 0, "n_recent": 7}})).anchors == (0, 7)
     for k, v in tis.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
     other = ModelArgs(**{**SMALL.to_dict(), "dim": 64})
@@ -140,7 +163,7 @@ def test_components_round_trip_and_reject_foreign_files(tmp_path):
 def _ert_args(model_dir, run_dir, out, resume=False):
     return argparse.Namespace(stage="ert", model=str(model_dir), out=str(out), steps=4, oracle_steps=2, lr=3e-3,
                               min_len=64, max_len=96, n_sink=2, n_recent=4, eval_every=1000, run_dir=str(run_dir),
-                              resume=resume, seed=0, save_every_s=0.0, threads=1, lambda_align=0.1)
+                              resume=resume, seed=0, save_every_s=0.0, threads=1, lambda_align=0.1, shared_score=False)
 
 
 def test_resume_gives_the_same_components_as_an_uninterrupted_run(model_dir, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from tinytis.engine import SamplingParams, decode, prefill
+from tinytis import shard
 from tinytis.errors import UserError
 from tinytis.manager import CacheManager, ManagerConfig
 from tinytis.policies import Policy, make_policy
@@ -110,24 +111,31 @@ class Evaluator:
         self.commit = git_commit()
         self.timing = []  # (task, policy, budget, setting, prompt tokens, prefill s, total s, peak kv bytes)
 
-    def run(self, tasks, policies, budgets, settings, lengths, depths, litm_docs, n: int) -> list[Row]:
+    def run(self, tasks, policies, budgets, settings, lengths, depths, litm_docs, n: int,
+            rank: int = 0, world: int = 1) -> list[Row] | None:
+        """The grid's rows. Under torchrun this rank runs every world-th cell; rank 0 returns all rows (and
+        self.timing) in single-process order, the other ranks None."""
         instances = {p: make_policy(p, self.model_dir, self.model.args) for p in policies}
         groups = {}
         for p, b in runs(policies, budgets):
             groups.setdefault(instances[p].needs, []).append((p, b))
         jobs = [(c, s) for t in tasks for c in cells(t, lengths, depths, litm_docs) for s in settings]
-        rows = []
-        for cell, setting in tqdm(jobs, desc="eval", unit="cell"):
+        rows, timing = {}, {}  # job index -> its rows, its timings
+        for j in tqdm(range(rank, len(jobs), world), desc="eval", unit="cell", disable=rank != 0):
+            cell, setting = jobs[j]
             samples = make_samples(cell, n, self.seed, self.count)
             scores = {}  # (policy, budget) -> {metric: [values]}, [kv held, kv full]
+            start = len(self.timing)
             for i in range(0, n, self.batch_size):
                 batch = samples[i : i + self.batch_size]
                 for needs, group in groups.items():
                     self.run_group(cell.task, batch, setting, needs, [(p, instances[p], b) for p, b in group], scores)
-            for (policy, budget), (metrics, held, full) in scores.items():
-                rows += [Row(cell.task, cell.variant, policy, budget, setting, cell.length, cell.depth, m, len(v),
-                             sum(v) / len(v), held, full, self.seed, self.commit) for m, v in metrics.items()]
-        return rows
+            timing[j] = self.timing[start:]
+            rows[j] = [Row(cell.task, cell.variant, policy, budget, setting, cell.length, cell.depth, m, len(v),
+                           sum(v) / len(v), held, full, self.seed, self.commit)
+                       for (policy, budget), (metrics, held, full) in scores.items() for m, v in metrics.items()]
+        self.timing = shard.merge(timing, rank, world)
+        return shard.merge(rows, rank, world)
 
     @torch.inference_mode()
     def run_group(self, task, batch: list[Sample], setting, needs, group, scores):

@@ -2,6 +2,9 @@
 
 score(token i) = ImportanceHead(h_i) + ImportanceEmbedding[id_i]
 
+By default the head has one output per (layer, KV head); with per_head=False it has one output per
+token that every layer and head share (the single-logit head of the TIS cards).
+
 h_i is the base model's final hidden state at token i. The model is causal, so h_i has seen only
 the tokens up to i: scoring a context cannot peek at a question that comes after it. The scores
 rank tokens within each (layer, KV head); the cache manager keeps the top ones plus the anchors.
@@ -23,7 +26,7 @@ COMPONENTS_FILE = "tis_components.pt"
 
 
 class ImportanceHead(nn.Module):
-    """RMSNorm(h) -> Linear -> SiLU -> Linear: one logit per (layer, KV head) for each token."""
+    """RMSNorm(h) -> Linear -> SiLU -> Linear: n_outputs logits for each token."""
 
     def __init__(self, dim: int, n_outputs: int, eps: float = 1e-5):
         super().__init__()
@@ -38,21 +41,23 @@ class ImportanceHead(nn.Module):
 class TIS(nn.Module):
     """The trained components: importance head, importance embedding (a per-vocabulary-id bias), lambda."""
 
-    def __init__(self, args: ModelArgs, attn_hook_lambda: float = 1.0, meta: dict | None = None):
+    def __init__(self, args: ModelArgs, attn_hook_lambda: float = 1.0, meta: dict | None = None, per_head: bool = True):
         super().__init__()
         self.n_layers, self.n_kv_heads = args.n_layers, args.n_kv_heads
-        n_out = args.n_layers * args.n_kv_heads
+        n_out = args.n_layers * args.n_kv_heads if per_head else 1
         self.importance_head = ImportanceHead(args.dim, n_out, args.norm_eps)
         self.importance_embedding = nn.Embedding(args.vocab_size, n_out)
         nn.init.zeros_(self.importance_embedding.weight)
         self.attn_hook_lambda = attn_hook_lambda
         self.meta = dict(meta or {}, hidden_size=args.dim, vocab_size=args.vocab_size,
-                         n_layers=args.n_layers, n_kv_heads=args.n_kv_heads)
+                         n_layers=args.n_layers, n_kv_heads=args.n_kv_heads, per_head=per_head)
 
     def forward(self, hidden, ids):
         """hidden: (B, T, dim), ids: (B, T) -> scores (B, n_layers, n_kv_heads, T); higher = keep."""
         s = self.importance_head(hidden.to(self.importance_head.fc1.weight.dtype)) + self.importance_embedding(ids)
-        B, T, _ = s.shape
+        B, T, n_out = s.shape
+        if n_out == 1:  # one shared score per token: s (B, T, 1) -> (B, L, KV, T), a broadcast view
+            return s.view(B, 1, 1, T).expand(B, self.n_layers, self.n_kv_heads, T)
         return s.view(B, T, self.n_layers, self.n_kv_heads).permute(0, 2, 3, 1)
 
     def save(self, path: Path):
@@ -82,7 +87,7 @@ class TIS(nn.Module):
             if meta.get(key) != value:
                 raise UserError(f"{path} was trained for {key}={meta.get(key)} but the model has {value}; "
                                 "use the components trained for this model")
-        tis = cls(args, blob["attn_hook_lambda"], meta)
+        tis = cls(args, blob["attn_hook_lambda"], meta, per_head=meta.get("per_head", True))
         tis.importance_head.load_state_dict(blob["importance_head"])
         tis.importance_embedding.load_state_dict(blob["importance_embedding"])
         return tis.eval()

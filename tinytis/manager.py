@@ -176,8 +176,9 @@ class CacheManager:
                 scores[:, b, :, :n] = self.policy.score(self.context(cache, b, n, budget[:, b]))
         pos = cache.pos[..., :S]
         k = budget.to(pos.device)[..., None, None]  # (L, B, 1, 1)
-        n_sink = k.clamp(max=self.config.n_sink)  # a budget below the anchors keeps the sinks, then the newest
-        n_recent = (k - n_sink).clamp(max=self.config.n_recent)
+        sinks, recent = self.policy.anchors or (self.config.n_sink, self.config.n_recent)
+        n_sink = k.clamp(max=sinks)  # a budget below the anchors keeps the sinks, then the newest
+        n_recent = (k - n_sink).clamp(max=recent)
         anchors = (pos >= 0) & ((pos < n_sink) | (pos > self.last_pos.to(pos.device)[None, :, None, None] - n_recent))
         # anchors rank above everything, even a policy's own +inf (SnapKV's window, H2O's recent half)
         scores = scores.clamp(max=torch.finfo(scores.dtype).max).masked_fill(anchors, math.inf).masked_fill(pos < 0, -math.inf)

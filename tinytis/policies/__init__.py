@@ -1,4 +1,6 @@
 """Eviction policies. Adding one is a module with a Policy subclass and a line in POLICIES."""
+from pathlib import Path
+
 from tinytis.errors import UserError
 from tinytis.policies.attention import H2O, TOVA, SnapKV
 from tinytis.policies.base import Needs, Policy, ScoreContext
@@ -21,10 +23,16 @@ POLICIES = {
 
 
 def make_policy(name: str, model_dir=None, args=None) -> Policy:
-    """A policy by name; one with trained components (tis) loads them from model_dir for a model of shape args."""
-    if name not in POLICIES:
-        raise UserError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
-    return POLICIES[name].for_model(model_dir, args)
+    """A policy by name; one with trained components (tis) loads them from model_dir for a model of shape args.
+    'tis=FILE' loads the components from FILE instead (an ablation's, say)."""
+    base, _, components = name.partition("=")
+    if base not in POLICIES:
+        raise UserError(f"unknown policy {base!r}; choose one of {', '.join(POLICIES)}")
+    if components:
+        if base != "tis":
+            raise UserError(f"policy {name!r}: only tis takes a components file (tis=FILE)")
+        return TISPolicy.from_file(Path(components), args)
+    return POLICIES[base].for_model(model_dir, args)
 
 
 __all__ = ["POLICIES", "make_policy", "Needs", "Policy", "ScoreContext", "TISPolicy"]

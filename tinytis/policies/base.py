@@ -50,6 +50,7 @@ class Policy:
 
     needs = Needs()
     evicts = True  # False: the cache is never evicted (the full-cache baseline)
+    anchors: tuple[int, int] | None = None  # (n_sink, n_recent) a learned policy was trained with; None: the manager's
 
     @classmethod
     def for_model(cls, model_dir, args) -> "Policy":

@@ -13,12 +13,18 @@ class TISPolicy(Policy):
 
     def __init__(self, components: TIS):
         self.tis = components
+        anchors = components.meta.get("anchors")
+        self.anchors = (anchors["n_sink"], anchors["n_recent"]) if anchors else None  # evict as in training
 
     @classmethod
     def for_model(cls, model_dir, args) -> "TISPolicy":
         if model_dir is None:
             raise UserError("policy tis loads its trained components from the model directory; give the model")
-        return cls(TIS.load(Path(model_dir) / COMPONENTS_FILE, args))
+        return cls.from_file(Path(model_dir) / COMPONENTS_FILE, args)
+
+    @classmethod
+    def from_file(cls, path: Path, args) -> "TISPolicy":
+        return cls(TIS.load(path, args))
 
     @torch.no_grad()
     def score(self, ctx):

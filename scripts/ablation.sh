@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The TIS ablation of docs/results.md: from the committed base model, the default recipe (`python train.py`:
+# 200 oracle steps, then 400 ERT steps, anchors 4 sinks + 16 recent, per-(layer, KV head) scores) retrained with
+# one change per variant, then every variant evaluated in one grid beside the committed components.
+#
+#   bash scripts/ablation.sh            # ~40 min of training + the grid on a 2-core CPU; components -> runs/ablation
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=runs/ablation
+mkdir -p "$out"
+
+variant() {  # name, then the train.py arguments; skipped when its components exist
+    local name=$1; shift
+    [ -f "$out/$name.pt" ] || python train.py "$@" --run-dir "$out/$name" --out "$out/$name.pt"
+}
+variant no_anchors   ert --n-sink 0 --n-recent 0
+variant no_alignment ert --lambda-align 0
+variant oracle_only  oracle --steps 600
+variant ert_only     ert --oracle-steps 0 --steps 600
+variant random_init  ert --oracle-steps 0 --steps 0
+variant shared_score ert --shared-score
+
+policies=full,snapkv,tis
+for name in no_anchors no_alignment oracle_only ert_only random_init shared_score; do
+    policies="$policies,tis=$out/$name.pt"
+done
+for task in niah narrative fidelity; do
+    python eval.py "$task" --policies "$policies" --budgets 0.05,0.1,0.25,0.5 --lengths 1024 --depths 0,0.5,1 \
+        --n-samples 12 --output "docs/results/ablation_$task.csv"
+done
+python eval.py --report docs/results/ablation_{niah,narrative,fidelity}.csv
