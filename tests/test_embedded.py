@@ -78,31 +78,6 @@ def test_narrative_answer_is_stated_once(tok):
         assert s.context.count(f"{stem} {s.answer}") == 1
 
 
-@pytest.mark.parametrize("family", ["multikey", "narrative", "litm", "recall"])
-def test_every_followup_is_answered_by_its_own_fact_in_the_context(tok, family):
-    """A follow-up asks about another fact of the same context: its stem + answer is stated there exactly once."""
-    rng = random.Random(1)
-    for _ in range(10):
-        s = training.sample(rng, 400, count_with(tok), [family])
-        assert 1 <= len(s.followups) <= training.FOLLOWUPS
-        for question, answer in [(s.question, s.answer), *s.followups]:
-            stem = question.split("? ")[-1].replace("What is the secret code of", "The secret code of")
-            assert s.context.count(f"{stem} {answer}") == 1, (question, answer)
-
-
-def test_the_base_loss_covers_exactly_the_answers_and_their_eos(tok):
-    import train
-
-    s = niah.make("multikey", EVAL_SEEDS.start + 4, 200, 0.5, count_with(tok))
-    s.followups = s.followups[:2]
-    x, y = train.make_batch(tok, [s])
-    supervised = y[0][y[0] != -100].tolist()
-    expected = [t for reply in [s.answer] + [a for _, a in s.followups] for t in tok.encode(reply, bos=False, eos=True)]
-    assert supervised == expected
-    ids = tok.encode(s.context) + train.encode_questions(tok, s)[0]
-    assert x[0].tolist() == ids[:-1]
-
-
 def test_training_draws_only_training_seeds(monkeypatch, tok):
     seen = []
     real = niah.make

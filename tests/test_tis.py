@@ -81,10 +81,7 @@ def _batch(model_dir, n=4, length=96, seed=0):
     tok = Tokenizer.from_dir(model_dir)
     count = lambda s: len(tok.encode(s, bos=False))
     rng = random.Random(seed)
-    samples = [training.sample(rng, length, count, ["passkey", "multikey"]) for _ in range(n)]
-    for s in samples:
-        s.followups = []  # one question per context: the KL is over the asked fact alone
-    return train.context_batch(tok, samples)
+    return train.context_batch(tok, [training.sample(rng, length, count, ["passkey", "multikey"]) for _ in range(n)])
 
 
 def test_soft_mask_gives_gradient_to_the_head_and_not_to_the_model(model_dir):

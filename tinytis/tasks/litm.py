@@ -17,6 +17,6 @@ def make(seed: int, n_docs: int, gold: int, sentences_per_doc: int = 3) -> Sampl
         body = [grammar_sentence(rng) for _ in range(sentences_per_doc)]
         body.insert(rng.randrange(sentences_per_doc + 1), DOC_FACT.format(name=name, obj=obj, place=place))
         docs.append(f"Document {i + 1}: " + " ".join(body))
-    questions = [(QUERY.format(name=name, obj=obj), place) for name, obj, place in facts]
+    name, obj, place = facts[gold]
     depth = gold / max(n_docs - 1, 1)
-    return Sample("litm", " ".join(docs), *questions[gold], n_docs, depth, questions[:gold] + questions[gold + 1:])
+    return Sample("litm", " ".join(docs), QUERY.format(name=name, obj=obj), place, n_docs, depth)

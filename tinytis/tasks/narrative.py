@@ -21,7 +21,7 @@ def make(seed: int, length: int, depth: float, count, n_characters: int = 6, lan
     names = rng.sample(NAMES, 2 * n_characters)
     cast, friends = names[:n_characters], names[n_characters:]
     kind = rng.randrange(len(EVENTS))  # the asked event, about cast[0]
-    facts, followups = [], []
+    facts = []
     for i, name in enumerate(cast):
         slots = {"name": name, "place": rng.choice(PLACES), "color": rng.choice(COLORS), "obj": rng.choice(OBJECTS),
                  "friend": friends[i]}
@@ -32,9 +32,8 @@ def make(seed: int, length: int, depth: float, count, n_characters: int = 6, lan
                 question, answer = query.format(**slots), slots[field]
             else:
                 facts.append((rng.random(), event.format(**slots)))
-                followups.append((query.format(**slots), slots[field]))
     context = haystack(rng, length, count, facts, landmark_share)
-    return Sample("narrative", context, question, answer, length, depth, followups)
+    return Sample("narrative", context, question, answer, length, depth)
 
 
 def normalize_answer(s: str) -> str:

@@ -25,8 +25,7 @@ def multikey(rng: random.Random, length: int, depth: float, count, n_keys: int =
     depths = [depth] + [rng.random() for _ in names[1:]]
     facts = [(d, MULTIKEY_FACT.format(name=n, code=c)) for d, n, c in zip(depths, names, codes)]
     context = haystack(rng, length, count, facts, landmark_share)
-    followups = [(MULTIKEY_QUERY.format(name=n), c) for n, c in zip(names[1:], codes[1:])]
-    return Sample("multikey", context, MULTIKEY_QUERY.format(name=names[0]), codes[0], length, depth, followups)
+    return Sample("multikey", context, MULTIKEY_QUERY.format(name=names[0]), codes[0], length, depth)
 
 
 def make(variant: str, seed: int, length: int, depth: float, count) -> Sample:
