@@ -24,8 +24,7 @@ policies=full,snapkv,tis
 for name in no_anchors no_alignment oracle_only ert_only random_init shared_score; do
     policies="$policies,tis=$out/$name.pt"
 done
-for task in niah narrative fidelity; do
-    python eval.py "$task" --policies "$policies" --budgets 0.05,0.1,0.25,0.5 --lengths 1024 --depths 0,0.5,1 \
-        --n-samples 12 --output "docs/results/ablation_$task.csv"
-done
-python eval.py --report docs/results/ablation_{niah,narrative,fidelity}.csv
+grid="--policies $policies --budgets 0.05,0.1,0.25,0.5 --lengths 512,1024,2048"
+python eval.py niah     $grid --depths 0,0.5,1 --n-samples 12 --output docs/results/ablation_niah.csv
+python eval.py fidelity $grid --n-samples 35 --output docs/results/ablation_fidelity.csv
+python eval.py --report docs/results/ablation_{niah,fidelity}.csv
