@@ -27,4 +27,4 @@ done
 grid="--policies $policies --budgets 0.05,0.1,0.25,0.5 --lengths 512,1024,2048"
 python eval.py niah     $grid --depths 0,0.5,1 --n-samples 12 --output docs/results/ablation_niah.csv
 python eval.py fidelity $grid --n-samples 35 --output docs/results/ablation_fidelity.csv
-python eval.py --report docs/results/ablation_{niah,fidelity}.csv
+python eval.py --report docs/results/ablation_{niah,fidelity}.csv --plot docs/plots/ablation
