@@ -1,6 +1,6 @@
 """Evaluate eviction policies on held-out synthetic tasks: task x policy x budget x setting grids.
 
-    python eval.py niah                      # every policy, budgets 0.25/0.5/0.75/1.0, query-agnostic
+    python eval.py niah                      # every policy, budgets 0.05/0.1/0.25/0.5/0.75/1.0, query-agnostic
     python eval.py all --n-samples 100 --setting both --output docs/results.csv --plot docs/plots
 
 Writes a CSV (one row per cell and metric), a timing sidecar (tokens/s, peak KV bytes), prints a
@@ -49,7 +49,7 @@ def main():
     parser.add_argument("--benchmark", dest="benchmark", choices=TASKS + ("all",), help=argparse_alias("task"))
     parser.add_argument("--policies", "--baseline", default=None,
                         help="comma-separated policies (default: every available policy)")
-    parser.add_argument("--budgets", "--cache_budgets", default="0.25,0.5,0.75,1.0",
+    parser.add_argument("--budgets", "--cache_budgets", default="0.05,0.1,0.25,0.5,0.75,1.0",
                         help="comma-separated budgets: fractions in (0, 1] or token counts > 1")
     parser.add_argument("--lengths", default="512,1024,2048", help="context lengths in tokens")
     parser.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths (litm: gold position) in [0, 1]")
