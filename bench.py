@@ -412,12 +412,15 @@ def plot_peers(rows, path: Path):
     summary = {k: v[0] for k, v in summarize(rows).items() if k[2] == "em"}
     panels = sorted({k[:2] for k in summary})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    policies = sorted({k[3] for k in summary if k[3] not in ("full", "transformers")})
+    colors = {p: plt.get_cmap("tab20")(i % 20) for i, p in enumerate(policies)}
     for ax, (task, variant) in zip(axes[0], panels):
         series = {k[3:5]: v for k, v in summary.items() if k[:2] == (task, variant)}
-        for policy in sorted({p for p, _ in series if p not in ("full", "transformers")}):
+        for policy in policies:
             pts = sorted((b, v) for (p, b), v in series.items() if p == policy)
-            ax.plot(*zip(*pts), marker="o" if "/" not in policy else "x", markersize=3, linewidth=1.2,
-                    linestyle="--" if policy.startswith("kvpress/") else "-", label=policy)
+            press = policy.startswith("kvpress/")
+            ax.plot(*zip(*pts), marker="x" if press else "o", markersize=3, linestyle="--" if press else "-",
+                    linewidth=2.4 if policy == "tis" else 1.2, color=colors[policy], label=policy)
         if ("full", 1.0) in series:
             ax.axhline(series[("full", 1.0)], color="black", linewidth=0.8, label="full cache")
         ax.set_xscale("log")
@@ -443,6 +446,8 @@ def peers(a):
     from tinytis.tokenizer import Tokenizer
     from tinytis.weights import resolve_model_dir
 
+    if not a.tasks or any(t not in PEER_TASKS for t in a.tasks):
+        raise UserError(f"peer tasks are {', '.join(PEER_TASKS)}, got {','.join(a.tasks)}")
     unknown = [p for p in a.presses if p not in PRESSES] + [p for p in a.policies if p not in POLICIES]
     if unknown:
         raise UserError(f"unknown press or policy {unknown[0]!r}; presses: {', '.join(PRESSES)}; "
@@ -454,6 +459,8 @@ def peers(a):
     torch.set_num_threads(a.threads)
     model_dir = resolve_model_dir(a.model)
     model, tok = Transformer.from_pretrained(model_dir), Tokenizer.from_dir(model_dir)
+    if any(L + 64 > model.args.max_seq_len for L in a.lengths):
+        raise UserError(f"--lengths go up to {model.args.max_seq_len - 64} tokens for this model (question and answer follow)")
     count = lambda s: len(tok.encode(s, bos=False))  # noqa: E731
     cells = [c for t in a.tasks for c in task_cells(t, a.lengths, a.depths, [])]
     samples = {c: make_samples(c, a.n_samples, a.seed, count) for c in cells}

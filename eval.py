@@ -1,6 +1,7 @@
 """Evaluate eviction policies on held-out synthetic tasks: task x policy x budget x setting grids.
 
     python eval.py niah                      # every policy, budgets 0.05/0.1/0.25/0.5/0.75/1.0, query-agnostic
+    python eval.py multiq                    # four questions after one context; the budget is held while decoding
     python eval.py all --n-samples 100 --setting both --output docs/results.csv --plot docs/plots
 
 Writes a CSV (one row per cell and metric), a timing sidecar (tokens/s, peak KV bytes), prints a
@@ -76,7 +77,7 @@ def main():
         return
     task = args.task or args.benchmark
     if task is None:
-        raise UserError("name a task: niah, litm, narrative, fidelity or all")
+        raise UserError(f"name a task: {', '.join(TASKS)} or all")
     policies = args.policies.split(",") if args.policies else list(POLICIES)
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
