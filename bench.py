@@ -347,23 +347,30 @@ def make_press(kvpress, name: str, budget: float):
 def press_answer(model, press, context: list[int], question: list[int], eos_id: int, max_new_tokens: int):
     """Query-agnostic greedy answer from transformers: the press (None: full cache) compresses the context's prefill,
     then the question and the answer go through the compressed cache at their true positions (as kvpress's pipeline
-    does). Returns the new tokens, up to and excluding EOS, and the bytes of K and V the cache holds after compression."""
+    does). Returns the new tokens, up to and excluding EOS, and the bytes of K and V the cache holds after compression.
+
+    The question goes in one token per forward: with per-layer budgets (PyramidKV) the layers hold different numbers
+    of tokens, and transformers sizes a multi-token causal mask by the first layer's cache."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
     with press(model) if press is not None else contextlib.nullcontext():
         model.model(input_ids=torch.tensor([context]), past_key_values=cache)
     held = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * model.dtype.itemsize
-    ids = torch.tensor([question])
-    positions = torch.arange(len(context), len(context) + len(question))[None]  # (1, T)
-    tokens = []
-    for _ in range(max_new_tokens):
-        logits = model(input_ids=ids, past_key_values=cache, position_ids=positions, logits_to_keep=1).logits
+    feed, pos, tokens = list(question), len(context), []
+    while True:
+        logits = model(input_ids=torch.tensor([[feed.pop(0)]]), past_key_values=cache, position_ids=torch.tensor([[pos]]),
+                       logits_to_keep=1).logits
+        pos += 1
+        if feed:
+            continue
         nxt = int(logits[0, -1].argmax())
         if nxt == eos_id:
             break
         tokens.append(nxt)
-        ids, positions = torch.tensor([[nxt]]), positions[:, -1:] + 1
+        if len(tokens) == max_new_tokens:
+            break
+        feed.append(nxt)
     return tokens, held
 
 
