@@ -6,9 +6,13 @@
                              decode attention at 4k/16k/32k context: GB/s and fraction of peak bandwidth
     python bench.py overhead what eviction adds to a 4k-token prefill, per policy: recording the attention statistics
                              the policy needs, and scoring + compaction, as fractions of the full-cache prefill time
+    python bench.py peers    kvpress's presses through transformers against tinytis's policies on the embedded model:
+                             same held-out prompts, budgets and query-agnostic setting, one table, a CSV, a plot
+                             (run it in the kvpress environment: see the README)
 
-Every subcommand builds its model from the shape flags (random weights, HF layout in a temporary directory).
+Every subcommand but peers builds its model from the shape flags (random weights, HF layout in a temporary directory).
 """
+import contextlib
 import multiprocessing
 import tempfile
 import time
@@ -16,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from tinytis.config import ModelArgs
 from tinytis.engine import SamplingParams, generate
@@ -317,6 +322,166 @@ def overhead(a):
               f"{(forward + evict - base) / base:+.1%}")
 
 
+# -- peers ----------------------------------------------------------------------------------------------------------
+
+PRESSES = ("snapkv", "streaming", "observed_attention", "tova", "knorm", "expected_attention", "adakv", "pyramidkv",
+           "random")
+PEER_TASKS = ("niah", "narrative")  # single-question tasks with a context length (the cells of eval.py)
+
+
+def make_press(kvpress, name: str, budget: float):
+    """kvpress's press `name` at its published defaults, keeping `budget` of the context (compression_ratio = 1 - budget).
+    AdaKV reallocates the budget across the heads of a layer by ExpectedAttention's scores (kvpress's own pairing)."""
+    ratio = 1 - budget
+    if name == "adakv":
+        return kvpress.AdaKVPress(kvpress.ExpectedAttentionPress(compression_ratio=ratio))
+    if name == "random":
+        return kvpress.RandomPress(compression_ratio=ratio, seed=0)
+    cls = {"snapkv": kvpress.SnapKVPress, "streaming": kvpress.StreamingLLMPress,
+           "observed_attention": kvpress.ObservedAttentionPress, "tova": kvpress.TOVAPress, "knorm": kvpress.KnormPress,
+           "expected_attention": kvpress.ExpectedAttentionPress, "pyramidkv": kvpress.PyramidKVPress}[name]
+    return cls(compression_ratio=ratio)
+
+
+@torch.inference_mode()
+def press_answer(model, press, context: list[int], question: list[int], eos_id: int, max_new_tokens: int):
+    """Query-agnostic greedy answer from transformers: the press (None: full cache) compresses the context's prefill,
+    then the question and the answer go through the compressed cache at their true positions (as kvpress's pipeline
+    does). Returns the new tokens, up to and excluding EOS, and the bytes of K and V the cache holds after compression.
+
+    The question goes in one token per forward: with per-layer budgets (PyramidKV) the layers hold different numbers
+    of tokens, and transformers sizes a multi-token causal mask by the first layer's cache."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with press(model) if press is not None else contextlib.nullcontext():
+        model.model(input_ids=torch.tensor([context]), past_key_values=cache)
+    held = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * model.dtype.itemsize
+    feed, pos, tokens = list(question), len(context), []
+    while True:
+        logits = model(input_ids=torch.tensor([[feed.pop(0)]]), past_key_values=cache, position_ids=torch.tensor([[pos]]),
+                       logits_to_keep=1).logits
+        pos += 1
+        if feed:
+            continue
+        nxt = int(logits[0, -1].argmax())
+        if nxt == eos_id:
+            break
+        tokens.append(nxt)
+        if len(tokens) == max_new_tokens:
+            break
+        feed.append(nxt)
+    return tokens, held
+
+
+def press_rows(kvpress, model_dir: Path, tok, cells, samples, presses, budgets, seed: int) -> list:
+    """Score every press at every budget, and transformers' full cache once, on each cell's samples."""
+    from transformers import AutoModelForCausalLM
+
+    from tinytis.evaluate import MAX_NEW_TOKENS, Row, git_commit, score_answer
+
+    # ObservedAttention reads the attention weights (eager attention only); AdaKV masks keys inside SDPA
+    models = {impl: AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=impl, dtype=torch.float32).eval()
+              for impl in ("eager", "sdpa")}
+    token_bytes = 2 * models["sdpa"].config.num_hidden_layers * models["sdpa"].config.num_key_value_heads * \
+        models["sdpa"].config.head_dim * 4
+    runs = [("transformers", 1.0)] + [(f"kvpress/{p}", b) for p in presses for b in budgets]
+    commit, rows = git_commit(), []
+    bar = tqdm(total=len(cells) * len(samples[cells[0]]) * len(runs), desc="kvpress", unit="run")
+    for cell in cells:
+        for name, budget in runs:
+            press_name = name.removeprefix("kvpress/")
+            press = make_press(kvpress, press_name, budget) if name != "transformers" else None
+            model = models["eager" if press_name == "observed_attention" else "sdpa"]
+            metrics, held, full = {}, 0, 0
+            for s in samples[cell]:
+                context, question = tok.encode(s.context), tok.encode(s.question, bos=False)
+                tokens, bytes_held = press_answer(model, press, context, question, tok.eos_id, MAX_NEW_TOKENS)
+                for k, v in score_answer(cell.task, tok.decode(tokens), s.answer).items():
+                    metrics.setdefault(k, []).append(v)
+                held, full = held + bytes_held, full + len(context) * token_bytes
+                bar.update()
+            rows += [Row(cell.task, cell.variant, name, budget, "agnostic", cell.length, cell.depth, m, len(v),
+                         sum(v) / len(v), held, full, seed, commit) for m, v in metrics.items()]
+    bar.close()
+    return rows
+
+
+def plot_peers(rows, path: Path):
+    """Score vs budget, a panel per task variant: tinytis's policies solid, kvpress's presses dashed, full cache black."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tinytis.evaluate import summarize
+
+    summary = {k: v[0] for k, v in summarize(rows).items() if k[2] == "em"}
+    panels = sorted({k[:2] for k in summary})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    policies = sorted({k[3] for k in summary if k[3] not in ("full", "transformers")})
+    colors = {p: plt.get_cmap("tab20")(i % 20) for i, p in enumerate(policies)}
+    for ax, (task, variant) in zip(axes[0], panels):
+        series = {k[3:5]: v for k, v in summary.items() if k[:2] == (task, variant)}
+        for policy in policies:
+            pts = sorted((b, v) for (p, b), v in series.items() if p == policy)
+            press = policy.startswith("kvpress/")
+            ax.plot(*zip(*pts), marker="x" if press else "o", markersize=3, linestyle="--" if press else "-",
+                    linewidth=2.4 if policy == "tis" else 1.2, color=colors[policy], label=policy)
+        if ("full", 1.0) in series:
+            ax.axhline(series[("full", 1.0)], color="black", linewidth=0.8, label="full cache")
+        ax.set_xscale("log")
+        ax.set_xlabel("budget (fraction of the context kept)")
+        ax.set_ylabel("exact match")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{task} {variant}", fontsize=9)
+    axes[0][-1].legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle("tinytis policies (solid) vs kvpress presses (dashed), query-agnostic", fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def peers(a):
+    try:
+        import kvpress
+    except ImportError:
+        raise UserError("bench.py peers needs kvpress, which is not installed here; create its environment and run it "
+                        "there: python -m venv .venv-kvpress && .venv-kvpress/bin/pip install torch==2.13.0 -e . kvpress")
+    from tinytis.evaluate import Evaluator, cells as task_cells, format_summary, make_samples, write_csv
+    from tinytis.policies import POLICIES
+    from tinytis.tokenizer import Tokenizer
+    from tinytis.weights import resolve_model_dir
+
+    if not a.tasks or any(t not in PEER_TASKS for t in a.tasks):
+        raise UserError(f"peer tasks are {', '.join(PEER_TASKS)}, got {','.join(a.tasks)}")
+    unknown = [p for p in a.presses if p not in PRESSES] + [p for p in a.policies if p not in POLICIES]
+    if unknown:
+        raise UserError(f"unknown press or policy {unknown[0]!r}; presses: {', '.join(PRESSES)}; "
+                        f"policies: {', '.join(POLICIES)}")
+    if not all(0 < b < 1 for b in a.budgets):
+        raise UserError(f"peer budgets are fractions of the context in (0, 1), got {a.budgets}")
+    if a.n_samples <= 0:
+        raise UserError("--n-samples must be positive")
+    torch.set_num_threads(a.threads)
+    model_dir = resolve_model_dir(a.model)
+    model, tok = Transformer.from_pretrained(model_dir), Tokenizer.from_dir(model_dir)
+    if any(L + 64 > model.args.max_seq_len for L in a.lengths):
+        raise UserError(f"--lengths go up to {model.args.max_seq_len - 64} tokens for this model (question and answer follow)")
+    count = lambda s: len(tok.encode(s, bos=False))  # noqa: E731
+    cells = [c for t in a.tasks for c in task_cells(t, a.lengths, a.depths, [])]
+    samples = {c: make_samples(c, a.n_samples, a.seed, count) for c in cells}
+    evaluator = Evaluator(model, tok, model_dir, seed=a.seed)
+    rows = evaluator.run(a.tasks, ["full", *a.policies], a.budgets, ["agnostic"], a.lengths, a.depths, [], a.n_samples)
+    rows += press_rows(kvpress, model_dir, tok, cells, samples, a.presses, a.budgets, a.seed)
+    write_csv(rows, Path(a.output))
+    print(format_summary(rows))
+    print(f"wrote {a.output}")
+    if a.plot:
+        plot_peers(rows, Path(a.plot))
+        print(f"plot in {a.plot}")
+
+
 def main():
     p = ArgumentParser(description="Speed and memory of tinytis, side by side with transformers where installed.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -342,8 +507,32 @@ def main():
     s.add_argument("--reps", type=int, default=3)
     s.add_argument("--threads", type=int, default=torch.get_num_threads())
     s.set_defaults(run=overhead)
+    s = sub.add_parser("peers", help="kvpress's presses vs tinytis's policies on the embedded model (kvpress environment)")
+    s.add_argument("--tasks", type=csv_list(str), default=list(PEER_TASKS), help="comma-separated: niah, narrative")
+    s.add_argument("--presses", type=csv_list(str), default=list(PRESSES))
+    s.add_argument("--policies", type=csv_list(str), default=["tis", "oracle", "h2o", "snapkv", "tova", "streaming", "knorm",
+                                                             "random"], help="tinytis policies (the full cache always runs)")
+    s.add_argument("--budgets", type=csv_list(float), default=[0.05, 0.1, 0.25, 0.5])
+    s.add_argument("--lengths", type=csv_list(int), default=[1024])
+    s.add_argument("--depths", type=csv_list(float), default=[0.0, 0.5, 1.0])
+    s.add_argument("--n-samples", type=int, default=4, help="held-out samples per (task variant, length, depth)")
+    s.add_argument("--model", default="models/tiny")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--output", default="peers.csv", help="CSV in eval.py's format (eval.py --report reads it)")
+    s.add_argument("--plot", default=None, help="PNG of score vs budget, every policy and press")
+    s.add_argument("--threads", type=int, default=2)
+    s.set_defaults(run=peers)
     a = p.parse_args()
     a.run(a)
+
+
+def csv_list(kind):
+    def parse(text: str):
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"{text!r} is not a comma-separated list of {kind.__name__} values")
+    return parse
 
 
 if __name__ == "__main__":

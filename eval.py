@@ -1,6 +1,7 @@
 """Evaluate eviction policies on held-out synthetic tasks: task x policy x budget x setting grids.
 
-    python eval.py niah                      # every policy, budgets 0.25/0.5/0.75/1.0, query-agnostic
+    python eval.py niah                      # every policy, budgets 0.05/0.1/0.25/0.5/0.75/1.0, query-agnostic
+    python eval.py multiq                    # four questions after one context; the budget is held while decoding
     python eval.py all --n-samples 100 --setting both --output docs/results.csv --plot docs/plots
     torchrun --nproc_per_node 2 eval.py niah   # the grid sharded over 2 processes, one CSV from rank 0
 
@@ -52,7 +53,7 @@ def main():
     parser.add_argument("--policies", "--baseline", default=None,
                         help="comma-separated policies (default: every available policy); tis=FILE: tis with the "
                              "components in FILE")
-    parser.add_argument("--budgets", "--cache_budgets", default="0.25,0.5,0.75,1.0",
+    parser.add_argument("--budgets", "--cache_budgets", default="0.05,0.1,0.25,0.5,0.75,1.0",
                         help="comma-separated budgets: fractions in (0, 1] or token counts > 1")
     parser.add_argument("--lengths", default="512,1024,2048", help="context lengths in tokens")
     parser.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths (litm: gold position) in [0, 1]")
@@ -79,7 +80,7 @@ def main():
         return
     task = args.task or args.benchmark
     if task is None:
-        raise UserError("name a task: niah, litm, narrative, fidelity or all")
+        raise UserError(f"name a task: {', '.join(TASKS)} or all")
     policies = args.policies.split(",") if args.policies else list(POLICIES)
     unknown = [p for p in policies if p.partition("=")[0] not in POLICIES]
     if unknown:

@@ -35,3 +35,15 @@ def test_speed_prints_both_engines_and_ratios():
     assert diff < 1e-4  # both engines ran the same weights
     for row in ("tinytis", "transformers", "tinytis / transformers"):
         assert re.search(rf"^{re.escape(row)}\s+[\d.]+x?\s+[\d.]+x?$", r.stdout, re.M), r.stdout
+
+
+def test_peers_without_kvpress_is_one_line_and_exit_2(tmp_path):
+    """Whatever is installed here: a kvpress that cannot be imported (shadowed) gives the one-line hint, no traceback."""
+    (tmp_path / "kvpress").mkdir()
+    (tmp_path / "kvpress" / "__init__.py").write_text("raise ImportError('no kvpress in this environment')\n")
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "peers", "--n-samples", "1"], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}, timeout=600)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bench.py peers needs kvpress" in lines[0] and ".venv-kvpress" in lines[0], r.stderr
+    assert r.stdout == ""

@@ -92,7 +92,8 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
 def decode_loop(model, cache, logits, next_pos, params, eos_id=None, on_token=None, after_step=None):
     """Sample from logits (B, V), feed the token at next_pos (B, 1), repeat until EOS or max_new_tokens.
 
-    after_step(ids, positions, hidden) runs after each forward (the cache manager's hook). Returns the new
+    after_step(ids, positions, hidden) runs after each forward (the cache manager's hook). A row that has hit EOS is
+    fed as padding (position -1) from then on, so its cache ends with its last answer token. Returns the new
     tokens per row (up to and excluding EOS) and the seconds it took.
     """
     B = logits.shape[0]
@@ -113,9 +114,10 @@ def decode_loop(model, cache, logits, next_pos, params, eos_id=None, on_token=No
                 on_token(b, nxt[b].item())
         if done.all() or step == params.max_new_tokens - 1:
             break
-        h = model.hidden_states(nxt[:, None], next_pos, cache)
+        positions = torch.where(done.to(next_pos.device)[:, None], -1, next_pos)
+        h = model.hidden_states(nxt[:, None], positions, cache)
         if after_step:
-            after_step(nxt[:, None], next_pos, h)
+            after_step(nxt[:, None], positions, h)
         logits = model.logits(h[:, -1])
         next_pos = next_pos + 1
     return tokens, time.perf_counter() - t0

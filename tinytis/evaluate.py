@@ -2,7 +2,8 @@
 
 A cell is one (task variant, length, depth) of held-out samples, run under one (policy, budget, setting).
 Query-agnostic: the context is compressed, then the question is asked. Query-aware: the question is the
-end of the compressed context. The full cache is always a row (policy full, budget 1.0).
+end of the compressed context. The full cache is always a row (policy full, budget 1.0). In multiq, several
+questions follow one context and the cache holds its budget while the answers are decoded.
 """
 import csv
 import random
@@ -19,10 +20,10 @@ from tinytis import shard
 from tinytis.errors import UserError
 from tinytis.manager import CacheManager, ManagerConfig
 from tinytis.policies import Policy, make_policy
-from tinytis.tasks import Sample, fidelity, litm, narrative, niah
+from tinytis.tasks import Sample, fidelity, litm, multiq, narrative, niah
 from tinytis.tasks.seeds import EVAL_SEEDS
 
-TASKS = ("niah", "litm", "narrative", "fidelity")
+TASKS = ("niah", "litm", "narrative", "fidelity", "multiq")
 MAX_NEW_TOKENS = 16
 
 
@@ -67,6 +68,8 @@ def cells(task: str, lengths, depths, litm_docs) -> list[CellKey]:
         return [CellKey(task, f"{k}docs", k, d) for k in litm_docs for d in depths]
     if task == "narrative":
         return [CellKey(task, "story", L, d) for L in lengths for d in depths]
+    if task == "multiq":
+        return [CellKey(task, f"{multiq.N_QUESTIONS}q", L, -1.0) for L in lengths]
     return [CellKey(task, "mix", L, -1.0) for L in lengths]
 
 
@@ -80,6 +83,8 @@ def make_samples(cell: CellKey, n: int, seed: int, count) -> list[Sample]:
         return [litm.make(s, cell.length, round(cell.depth * (cell.length - 1))) for s in seeds]
     if cell.task == "narrative":
         return [narrative.make(s, cell.length, cell.depth, count) for s in seeds]
+    if cell.task == "multiq":
+        return [multiq.make(s, cell.length, count) for s in seeds]
     return [fidelity.make(s, cell.length, count) for s in seeds]
 
 
@@ -152,10 +157,13 @@ class Evaluator:
         for name, policy, budget in group:
             t0 = time.perf_counter()
             state = base.fork()
-            state.manager.compress(state.cache, policy, budget)
+            state.manager.compress(state.cache, policy, budget, decode_budget=budget if task == "multiq" else None)
             state = replace(state, stats=state.manager.stats(state.cache))
             if task == "fidelity":
                 metrics, stats = fidelity_metrics(full_logits, self.continue_logits(state.fork(), conts), conts), state.stats
+            elif task == "multiq":
+                predictions, stats = self.converse(state, batch, questions)
+                metrics = {"em": [multiq.score(p, s) for p, s in zip(predictions, batch)]}
             else:
                 gen = decode(self.model, state, questions, SamplingParams(MAX_NEW_TOKENS), self.tok.eos_id)
                 metrics, stats = {}, gen.stats
@@ -170,6 +178,22 @@ class Evaluator:
                 entry[0].setdefault(k, []).extend(v)
             scores[(name, budget)] = (entry[0], entry[1] + stats["kv_bytes_held"], entry[2] + stats["kv_bytes_full"])
         base.free()
+
+    def converse(self, state, batch: list[Sample], first_questions):
+        """Ask each sample's questions in turn from its cache, the model's answers left in it between them.
+        first_questions: the ids of the first (None when it ends the compressed context). Returns each sample's
+        answers, in order, and the statistics of the last one (the pool's peak covers them all)."""
+        n_follow_ups = len(batch[0].follow_ups)
+        turns = [first_questions] + [[self.tok.encode(s.follow_ups[j][0], bos=False) for s in batch]
+                                     for j in range(n_follow_ups)]
+        predictions = [[] for _ in batch]
+        for questions in turns:
+            gen = decode(self.model, state, questions, SamplingParams(MAX_NEW_TOKENS), self.tok.eos_id)
+            for prediction, tokens in zip(predictions, gen.tokens):
+                prediction.append(self.tok.decode(tokens))
+            next_pos = state.manager.last_pos + 1  # (B,) after the answer just fed (EOS is not)
+            state = replace(state, next_pos=next_pos[:, None].to(state.next_pos.device))
+        return predictions, gen.stats
 
     def continue_logits(self, state, conts) -> list[torch.Tensor]:
         """Teacher-forced logits over each continuation, at the positions that predict its next token.

@@ -102,10 +102,13 @@ class CacheManager:
         other.tokens = [copy.copy(store) for store in self.tokens]
         return other
 
-    def compress(self, cache: PagedKVCache, policy: Policy, budget):
+    def compress(self, cache: PagedKVCache, policy: Policy, budget, decode_budget=None):
         """Score with `policy` and evict to `budget` from now on: compresses one prefilled cache (or a fork of it)
-        another way. The policy may only need what the prefill recorded (same Needs)."""
+        another way. The policy may only need what the prefill recorded (same Needs). decode_budget: also evict
+        back to this while decoding (as ManagerConfig.decode_budget)."""
         self.policy, self.budget = policy, self._budgets(budget, self.lengths)
+        if decode_budget is not None:
+            self.decode_budget = self._budgets(decode_budget, self.lengths)
         self.evict(cache, self.budget)
 
     def _budgets(self, budget, lengths) -> torch.Tensor:

@@ -14,3 +14,4 @@ class Sample:
     answer: str
     length: int  # requested context length in tokens
     depth: float  # where the asked fact sits in the context, 0 (start) .. 1 (end)
+    follow_ups: tuple[tuple[str, str], ...] = ()  # (question, answer) pairs asked next, after the model's own answers
