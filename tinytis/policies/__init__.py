@@ -3,6 +3,7 @@ from tinytis.errors import UserError
 from tinytis.policies.attention import H2O, TOVA, SnapKV
 from tinytis.policies.base import Needs, Policy, ScoreContext
 from tinytis.policies.baselines import Full, Random, Streaming
+from tinytis.policies.dms import DMSPolicy
 from tinytis.policies.knorm import KNorm
 from tinytis.policies.oracle import Oracle
 from tinytis.policies.tis import TISPolicy
@@ -17,11 +18,12 @@ POLICIES = {
     "knorm": KNorm,
     "oracle": Oracle,
     "tis": TISPolicy,
+    "dms": DMSPolicy,
 }
 
 
 def make_policy(name: str, model_dir=None, args=None) -> Policy:
-    """A policy by name; one with trained components (tis) loads them from model_dir for a model of shape args."""
+    """A policy by name; one with trained components (tis, dms) loads them from model_dir for a model of shape args."""
     if name not in POLICIES:
         raise UserError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
     return POLICIES[name].for_model(model_dir, args)
