@@ -336,15 +336,18 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_m
 
 
 def sequence_batch(tok: Tokenizer, samples: list[Sample]):
-    """Whole samples (BOS context question answer EOS), right-padded: ids (B, T) and mask (B, T) of the positions
-    whose next token is part of the sample (the ones distillation and perplexity are taken over)."""
+    """Whole samples (BOS context question answer EOS), right-padded: ids (B, T); real (B, T): the sample's tokens;
+    cont (B, T): the positions whose next token is in the question or answer, what the base model was trained to
+    predict (its predictions of the context are untrained): distillation, KL and perplexity are taken there."""
     encoded = [encode_sample(tok, s)[0] for s in samples]
+    context = torch.tensor([len(tok.encode(s.context)) for s in samples])[:, None]
     T = max(len(ids) for ids in encoded)
     ids = torch.full((len(samples), T), tok.eos_id, dtype=torch.long)
     for b, e in enumerate(encoded):
         ids[b, : len(e)] = torch.tensor(e)
-    mask = torch.arange(T)[None] < torch.tensor([len(e) - 1 for e in encoded])[:, None]
-    return ids, mask
+    length = torch.tensor([len(e) for e in encoded])[:, None]
+    t = torch.arange(T)[None]
+    return ids, t < length, (t >= context - 1) & (t < length - 1)
 
 
 def borrow_query_channel(model: Transformer, config: DMSConfig):
@@ -367,13 +370,13 @@ def eviction_fraction(alpha: list, mask) -> torch.Tensor:
 @torch.no_grad()
 def dms_gate(teacher, student, tok, lengths=(512, 1024, 2048), n: int = 8) -> dict:
     """The DMS gate on held-out fidelity samples, strict (hard) mask over whole sequences: perplexity change and
-    KL(base || DMS) per token, eviction rate (decisions 'evict' over every layer, KV head and token), and the
-    effective compression after the last token (tokens / tokens held per KV head)."""
+    KL(base || DMS) per token of the continuation (question and answer), eviction rate (decisions 'evict' over every
+    layer, KV head and token), and the effective compression after the last token (tokens / tokens held per head)."""
     count = lambda s: len(tok.encode(s, bos=False))
     nll_base = nll_dms = kl = evicted = decided = tokens = held = 0.0
     for length in lengths:
         for i in range(n):
-            ids, mask = sequence_batch(tok, [fidelity.make(EVAL_SEEDS.start + 1000 * length + i, length, count)])
+            ids, _, mask = sequence_batch(tok, [fidelity.make(EVAL_SEEDS.start + 1000 * length + i, length, count)])
             attention = SequenceAttention(student.dms)
             log_p = torch.log_softmax(teacher(ids), -1)[mask]
             log_q = torch.log_softmax(student(ids, cache=attention), -1)[mask]
@@ -417,22 +420,22 @@ def train_dms(args):
     while state["step"] < total:
         step = state["step"]
         length = rng.randint(args.min_len, args.max_len)
-        ids, mask = sequence_batch(tok, [training.sample(rng, length, count, TIS_FAMILIES)
-                                         for _ in range(max(1, DMS_TOKENS_PER_STEP // length))])
+        ids, real, cont = sequence_batch(tok, [training.sample(rng, length, count, TIS_FAMILIES)
+                                               for _ in range(max(1, DMS_TOKENS_PER_STEP // length))])
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, total, args.lr, warmup=20)
         with torch.no_grad():
             teacher_logits = teacher(ids)
         if step < args.zero_steps:  # phase 1: the channel is zeroed, nothing is evicted
             phase, target, attention = "zero", 0.0, None
-            loss = kl = kl_full_evicted(teacher_logits, student(ids), mask)
+            loss = kl = kl_full_evicted(teacher_logits, student(ids), cont)
             frac = torch.zeros(())
         else:  # phase 2: Gumbel-sigmoid decisions, compression target ramped from 1x to target_cr
             ramp = min(1.0, (step - args.zero_steps + 1) / max(1, round(args.ramp * args.steps)))
             phase, target = "dms", 1 - 1 / (1 + (args.target_cr - 1) * ramp)
             attention = SequenceAttention(config, args.tau, torch.Generator().manual_seed(rng.randrange(2**62)))
-            kl = kl_full_evicted(teacher_logits, student(ids, cache=attention), mask)
-            frac = eviction_fraction(attention.alpha, mask)
+            kl = kl_full_evicted(teacher_logits, student(ids, cache=attention), cont)
+            frac = eviction_fraction(attention.alpha, real)
             loss = kl + args.compression_weight * F.relu(target - frac)  # one-sided: no reward beyond the target
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -497,12 +500,12 @@ def main():
     dms.add_argument("--window", type=int, default=32, help="delayed-eviction window in tokens")
     dms.add_argument("--alpha-scale", type=float, default=100.0)
     dms.add_argument("--alpha-offset", type=float, default=5.0)
-    dms.add_argument("--target-cr", type=float, default=4.0, help="compression ratio the target ramps to")
+    dms.add_argument("--target-cr", type=float, default=2.5, help="compression ratio the target ramps to")
     dms.add_argument("--ramp", type=float, default=0.5, help="share of the DMS steps over which the target ramps up")
     dms.add_argument("--tau", type=float, default=0.1, help="Gumbel-sigmoid temperature")
     dms.add_argument("--compression-weight", type=float, default=1.0)
     dms.add_argument("--zero-steps", type=int, default=20, help="phase 1: distil with the borrowed channel zeroed")
-    dms.add_argument("--steps", type=int, default=120, help="phase 2: DMS steps")
+    dms.add_argument("--steps", type=int, default=80, help="phase 2: DMS steps")
     dms.add_argument("--lr", type=float, default=3e-4)
     dms.add_argument("--min-len", type=int, default=256)
     dms.add_argument("--max-len", type=int, default=512)
