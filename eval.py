@@ -22,6 +22,7 @@ from tinytis.tokenizer import Tokenizer
 from tinytis.weights import resolve_model_dir
 
 DEFAULT_MODEL = "models/tiny"
+DEFAULT_DMS_MODEL = "models/tiny-dms"
 
 
 def number_list(kind):
@@ -64,6 +65,9 @@ def main():
     parser.add_argument("--output", default="results.csv", help="CSV to write (timings go beside it)")
     parser.add_argument("--plot", default=None, help="directory for heatmaps and budget curves (PNG)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model directory or cached hub id")
+    parser.add_argument("--dms-model", default=DEFAULT_DMS_MODEL,
+                        help="the DMS-retrofitted model policy dms runs on (`python train.py dms` writes it); "
+                             "its fidelity is measured against --model's full cache")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -104,9 +108,16 @@ def main():
                         "with question and answer); choose shorter --lengths")
     torch.set_num_threads(args.threads)
 
+    policy_models = {}
+    if "dms" in policies:
+        policy_models["dms"] = Path(args.dms_model)
+        if not (policy_models["dms"] / "config.json").is_file():
+            raise UserError(f"--dms-model {args.dms_model} is not a model directory; retrofit one with "
+                            f"`python train.py dms --out {args.dms_model}` or leave dms out of --policies")
+
     tasks = [t for t in TASKS if task in (t, "all")]
     settings = ["agnostic", "aware"] if args.setting == "both" else [args.setting]
-    evaluator = Evaluator(model, Tokenizer.from_dir(model_dir), model_dir, args.batch_size, args.seed)
+    evaluator = Evaluator(model, Tokenizer.from_dir(model_dir), model_dir, args.batch_size, args.seed, policy_models)
     rank, world = shard.init()
     rows = evaluator.run(tasks, policies, budgets, settings, lengths, depths, litm_docs, args.n_samples, rank, world)
     shard.close(world)

@@ -42,8 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--quant", choices=["nf4"], help="quantize the Linear layers of the blocks on load (bitsandbytes NF4)")
     p.add_argument("--budget", type=budget, default=1.0,
                    help="KV budget per (layer, KV head): fraction of the prompt or token count (default 1.0: keep all)")
-    p.add_argument("--policy", help="eviction policy (default: tis when the model directory has trained TIS "
-                                     "components, as the embedded model does, else snapkv)")
+    p.add_argument("--policy", help="eviction policy (default: dms for a DMS model, tis when the model directory has "
+                                     "trained TIS components, as the embedded model does, else snapkv)")
     p.add_argument("--prefill-chunk", type=int, help="prefill this many tokens at a time, evicting after each chunk")
     p.add_argument("--decode-budget", type=budget, help="also evict while decoding, back to this budget")
     p.add_argument("--question", action="append", help="a question answered from the compressed prompt (repeatable)")
@@ -118,7 +118,7 @@ def run(args, prompt: str):
     path = resolve_model_dir(args.model)
     model = Transformer.from_pretrained(path, getattr(torch, args.dtype), quant=args.quant)
     if args.policy is None:
-        args.policy = "tis" if (path / COMPONENTS_FILE).exists() else "snapkv"
+        args.policy = "dms" if model.dms else "tis" if (path / COMPONENTS_FILE).exists() else "snapkv"
     policy = make_policy(args.policy, path, model.args)
     tokenizer = Tokenizer.from_dir(path)
     if tokenizer.vocab_size > model.args.vocab_size:

@@ -3,11 +3,13 @@
     python train.py base      # tokenizer + Mistral-architecture model from scratch -> models/tiny
     python train.py oracle    # TIS stage 1: importance head supervised by oracle attention mass
     python train.py [ert]     # TIS stage 3: oracle warm start, then ERT -> models/tiny/tis_components.pt
+    python train.py dms       # DMS retrofit of the base model -> models/tiny-dms (a model directory + dms_metadata.json)
 """
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,12 +21,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tinytis.config import ModelArgs
+from tinytis.dms import DMSConfig, SequenceAttention, attach
 from tinytis.engine import left_pad
 from tinytis.ert import ContextKV, alignment_loss, kl_full_evicted, soft_keep_log_mask
 from tinytis.importance import COMPONENTS_FILE, TIS
 from tinytis.errors import ArgumentParser, UserError, run_cli
 from tinytis.model import Transformer
-from tinytis.tasks import Sample, training
+from tinytis.tasks import Sample, fidelity, training
 from tinytis.tasks.seeds import EVAL_SEEDS
 from tinytis.tokenizer import Tokenizer
 from tinytis.weights import save_hf
@@ -327,6 +330,149 @@ def train_tis(args):
     print(f"saved {out}")
 
 
+# ---------------------------------------------------------------------------- DMS retrofit
+
+DMS_TOKENS_PER_STEP = 2048
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def sequence_batch(tok: Tokenizer, samples: list[Sample]):
+    """Whole samples (BOS context question answer EOS), right-padded: ids (B, T); real (B, T): the sample's tokens;
+    cont (B, T): the positions whose next token is in the question or answer, what the base model was trained to
+    predict (its predictions of the context are untrained): distillation, KL and perplexity are taken there."""
+    encoded = [encode_sample(tok, s)[0] for s in samples]
+    context = torch.tensor([len(tok.encode(s.context)) for s in samples])[:, None]
+    T = max(len(ids) for ids in encoded)
+    ids = torch.full((len(samples), T), tok.eos_id, dtype=torch.long)
+    for b, e in enumerate(encoded):
+        ids[b, : len(e)] = torch.tensor(e)
+    length = torch.tensor([len(e) for e in encoded])[:, None]
+    t = torch.arange(T)[None]
+    return ids, t < length, (t >= context - 1) & (t < length - 1)
+
+
+def borrow_query_channel(model: Transformer, config: DMSConfig):
+    """Phase 1 of the retrofit: zero the wq rows of the borrowed channel (first query head of each GQA group), so the
+    eviction logits start at -alpha_offset (keep everything), and make the model a DMS one (the channel is zeroed in
+    attention too). Distillation then teaches the model to do without the channel."""
+    a = model.args
+    rows = torch.arange(0, a.n_heads, a.n_heads // a.n_kv_heads) * a.head_dim + config.borrowed_query_channel % a.head_dim
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attention.wq.weight[rows] = 0
+    attach(model, config)
+
+
+def eviction_fraction(alpha: list, mask) -> torch.Tensor:
+    """Mean eviction probability (or decision) over layers, KV heads and the sample's tokens; alpha: L x (B, KV, T)."""
+    return (torch.stack(alpha) * mask[None, :, None, :]).sum() / (mask.sum() * len(alpha) * alpha[0].shape[1])
+
+
+@torch.no_grad()
+def dms_gate(teacher, student, tok, lengths=(512, 1024, 2048), n: int = 8) -> dict:
+    """The DMS gate on held-out fidelity samples, strict (hard) mask over whole sequences: perplexity change and
+    KL(base || DMS) per token of the continuation (question and answer), eviction rate (decisions 'evict' over every
+    layer, KV head and token), and the effective compression after the last token (tokens / tokens held per head)."""
+    count = lambda s: len(tok.encode(s, bos=False))
+    nll_base = nll_dms = kl = evicted = decided = tokens = held = 0.0
+    for length in lengths:
+        for i in range(n):
+            ids, _, mask = sequence_batch(tok, [fidelity.make(EVAL_SEEDS.start + 1000 * length + i, length, count)])
+            attention = SequenceAttention(student.dms)
+            log_p = torch.log_softmax(teacher(ids), -1)[mask]
+            log_q = torch.log_softmax(student(ids, cache=attention), -1)[mask]
+            target = ids[:, 1:][mask[:, :-1]][:, None]
+            nll_base += -log_p.gather(-1, target).sum().item()
+            nll_dms += -log_q.gather(-1, target).sum().item()
+            kl += (log_p.exp() * (log_p - log_q)).sum().item()
+            evict = torch.stack(attention.alpha)[:, 0, :, :-1].bool()  # (L, KV, T - 1): the last token is undecided
+            T = ids.shape[1]
+            evicted, decided = evicted + evict.sum().item(), decided + evict.numel()
+            far = T - torch.arange(T - 1) > student.dms.window_size  # the next query no longer sees evicted ones
+            held += (T - (evict & far).sum((-1)).float().mean().item()) / T
+            tokens += mask.sum().item()
+    n_seq = n * len(lengths)
+    return {"ppl_delta": math.exp((nll_dms - nll_base) / tokens) - 1, "kl": kl / tokens,
+            "eviction_rate": evicted / decided, "compression": 1 / (held / n_seq), "n": n_seq}
+
+
+def train_dms(args):
+    base_dir, out, run = Path(args.model), Path(args.out), Path(args.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    teacher = Transformer.from_pretrained(base_dir).requires_grad_(False)
+    if teacher.dms is not None:
+        raise UserError(f"{base_dir} is already a DMS model; retrofit a base model")
+    student = Transformer.from_pretrained(base_dir).train()
+    tok = Tokenizer.from_dir(base_dir)
+    count = lambda s: len(tok.encode(s, bos=False))
+    torch.manual_seed(args.seed)
+    command = "python train.py dms" + "".join(f" --{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
+                                              if k not in ("stage", "resume", "threads"))
+    config = DMSConfig(args.window, args.alpha_scale, args.alpha_offset, -1, args.target_cr,
+                       {"base_model": str(base_dir), "command": command})
+    borrow_query_channel(student, config)
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    total = args.zero_steps + args.steps
+    state = {"step": 0, "rng": random.Random(args.seed).getstate(), "log": []}
+    ckpt = run / "dms.pt"
+    state, rng = start_or_resume(ckpt, student, opt, state, args.resume)
+    bar = tqdm(total=total, initial=state["step"], desc="dms")
+    last_save = time.time()
+    while state["step"] < total:
+        step = state["step"]
+        length = rng.randint(args.min_len, args.max_len)
+        ids, real, cont = sequence_batch(tok, [training.sample(rng, length, count, TIS_FAMILIES)
+                                               for _ in range(max(1, DMS_TOKENS_PER_STEP // length))])
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, total, args.lr, warmup=20)
+        with torch.no_grad():
+            teacher_logits = teacher(ids)
+        if step < args.zero_steps:  # phase 1: the channel is zeroed, nothing is evicted
+            phase, target, attention = "zero", 0.0, None
+            loss = kl = kl_full_evicted(teacher_logits, student(ids), cont)
+            frac = torch.zeros(())
+        else:  # phase 2: Gumbel-sigmoid decisions, compression target ramped from 1x to target_cr
+            ramp = min(1.0, (step - args.zero_steps + 1) / max(1, round(args.ramp * args.steps)))
+            phase, target = "dms", 1 - 1 / (1 + (args.target_cr - 1) * ramp)
+            attention = SequenceAttention(config, args.tau, torch.Generator().manual_seed(rng.randrange(2**62)))
+            kl = kl_full_evicted(teacher_logits, student(ids, cache=attention), cont)
+            frac = eviction_fraction(attention.alpha, real)
+            loss = kl + args.compression_weight * F.relu(target - frac)  # one-sided: no reward beyond the target
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        state["step"] += 1
+        bar.update(1)
+        bar.set_postfix(phase=phase, kl=f"{kl.item():.4f}", evict=f"{frac.item():.3f}", target=f"{target:.3f}")
+        if state["step"] % args.eval_every == 0 or state["step"] == total:
+            student.eval()
+            gate = dms_gate(teacher, student, tok, n=2)
+            student.train()
+            state["log"].append({"step": state["step"], "phase": phase, "kl_train": kl.item(), "evict_train": frac.item(),
+                                 "target": target, "gate": gate})
+            tqdm.write(f"[dms {state['step']}] {phase} kl {kl.item():.4f} evict {frac.item():.3f} (target {target:.3f}) "
+                       f"held-out gate {gate}")
+        if time.time() - last_save > args.save_every_s or state["step"] == total:
+            save_checkpoint(ckpt, student, opt, state, rng)
+            last_save = time.time()
+    bar.close()
+    student.eval()
+    gate = dms_gate(teacher, student, tok)
+    print(f"held-out gate (strict mask, {gate['n']} fidelity samples): {gate}")
+    save_hf(student.state_dict(), out, student.args)
+    hf_config = json.loads((out / "config.json").read_text())
+    hf_config.update(dms_window_size=config.window_size, dms_alpha_scale=config.alpha_scale,
+                     dms_alpha_offset=config.alpha_offset, dms_cr=config.target_compression_ratio)
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        shutil.copy(base_dir / name, out / name)
+    config.extra["gate"] = gate
+    config.save(out, student.args)
+    (out / "training_log.json").write_text(json.dumps(state["log"], indent=1) + "\n")
+    print(f"saved {out}")
+
+
 def main():
     parser = ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="stage")
@@ -350,6 +496,23 @@ def main():
         if name == "ert":
             p.add_argument("--oracle-steps", type=int, default=200, help="alignment-only warm-start steps first")
             p.add_argument("--lambda-align", type=float, default=0.1, help="weight of the alignment term")
+    dms = sub.add_parser("dms", help="DMS retrofit: borrowed-channel zeroing, then Gumbel-sigmoid eviction decisions "
+                                     "trained by distillation from the base model + a one-sided compression loss")
+    dms.add_argument("--model", default="models/tiny", help="base model directory (the teacher)")
+    dms.add_argument("--out", default="models/tiny-dms", help="DMS model directory to write")
+    dms.add_argument("--window", type=int, default=32, help="delayed-eviction window in tokens")
+    dms.add_argument("--alpha-scale", type=float, default=100.0)
+    dms.add_argument("--alpha-offset", type=float, default=5.0)
+    dms.add_argument("--target-cr", type=float, default=2.5, help="compression ratio the target ramps to")
+    dms.add_argument("--ramp", type=float, default=0.5, help="share of the DMS steps over which the target ramps up")
+    dms.add_argument("--tau", type=float, default=0.1, help="Gumbel-sigmoid temperature")
+    dms.add_argument("--compression-weight", type=float, default=1.0)
+    dms.add_argument("--zero-steps", type=int, default=20, help="phase 1: distil with the borrowed channel zeroed")
+    dms.add_argument("--steps", type=int, default=80, help="phase 2: DMS steps")
+    dms.add_argument("--lr", type=float, default=3e-4)
+    dms.add_argument("--min-len", type=int, default=256)
+    dms.add_argument("--max-len", type=int, default=512)
+    dms.add_argument("--eval-every", type=int, default=70, help="steps between held-out gate evaluations")
     for p in sub.choices.values():
         p.add_argument("--run-dir", default="runs", help="where checkpoints for --resume live")
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --run-dir")
@@ -358,9 +521,9 @@ def main():
         p.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(sys.argv[1:] or ["ert"])
     if args.stage is None:
-        parser.error("name a stage first: base, oracle or ert")
+        parser.error("name a stage first: base, oracle, ert or dms")
     torch.set_num_threads(args.threads)
-    {"base": train_base, "oracle": train_tis, "ert": train_tis}[args.stage](args)
+    {"base": train_base, "oracle": train_tis, "ert": train_tis, "dms": train_dms}[args.stage](args)
 
 
 if __name__ == "__main__":

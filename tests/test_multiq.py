@@ -110,7 +110,7 @@ def test_multiq_answers_are_one_transcript_decoded_with_a_full_cache():
     state = prefill(model, [tok.encode(s.context) for s in samples], CacheManager(model.args, make_policy("full"),
                                                                                    ManagerConfig(1.0)))
     first = [tok.encode(s.question, bos=False) for s in samples]
-    predictions, _ = evaluator.converse(state, samples, first)
+    predictions, _ = evaluator.converse(model, state, samples, first)
     for s, got in zip(samples, predictions):
         transcript, answers = tok.encode(s.context), []
         for q, _ in multiq.questions(s):

@@ -32,6 +32,9 @@ class DenseKVCache:
         self.pos[:, self.start : self.length] = positions
         self.mask = attention_mask(positions, self.pos[:, : self.length], self.args.sliding_window, self.k.dtype)
 
+    def decide(self, layer, logits):
+        """DMS eviction logits (tinytis.dms): a dense cache keeps every token."""
+
     def attend(self, layer, q, k, v):
         self.k[layer, :, :, self.start : self.length] = k
         self.v[layer, :, :, self.start : self.length] = v
@@ -103,6 +106,7 @@ class Observe:
 
     mass: bool = False  # add the attention each query puts on a slot to that slot's mass, mean over the GQA group
     window: torch.Tensor | None = None  # (B,): per query head, the attention of each row's last window[b] queries
+    dms_window: int | None = None  # record DMS decisions; a key decided "evict" is masked beyond this distance
 
 
 class PagedKVCache:
@@ -114,6 +118,7 @@ class PagedKVCache:
       pos     (L, B, KV, P * ps)       original position of each slot, -1 when unused; strictly increasing along slots
       mass    (L, B, KV, P * ps)       attention each slot has received (Observe.mass)
       window  (L, B, KV, P * ps, G)    attention from the latest forward's window queries, per query head (Observe.window)
+      evict   (L, B, KV, P * ps)       DMS decided to evict the slot once it leaves the window (Observe.dms_window)
     Keys are stored after RoPE at their true positions and never renumbered. Padding (position -1) is never stored.
     """
 
@@ -127,6 +132,7 @@ class PagedKVCache:
         self.pos = torch.full((L, B, KV, 0), -1, dtype=torch.long, device=device)
         self.mass = torch.zeros(L, B, KV, 0, dtype=acc, device=device)
         self.window = torch.zeros(L, B, KV, 0, G, dtype=acc, device=device)
+        self.evict = torch.zeros(L, B, KV, 0, dtype=torch.bool, device=device)
         self.observe = Observe()
 
     @property
@@ -163,6 +169,20 @@ class PagedKVCache:
         if self.observe.window is not None:
             self.window.zero_()
 
+    def decide(self, layer: int, logits):
+        """DMS: logits (B, KV, T) of this chunk's tokens; the logit of token t decides about token t - 1 (tinytis.dms),
+        which is the slot before t's in every head (DMS evicts nothing inside its window)."""
+        if self.observe.dms_window is None:
+            return
+        prev = self.write_slot[layer] - 1  # (B, KV, T)
+        pos = self.pos[layer].gather(-1, prev.clamp(min=0))
+        b, h, t = ((prev >= 0) & (pos == self.q_pos[:, None, :] - 1)).nonzero(as_tuple=True)
+        self.evict[layer][b, h, prev[b, h, t]] = logits[b, h, t] > 0
+
+    def _evicted(self, layer: int, key_slot):
+        """DMS decisions of keys at key_slot (B, KV, Tk), -1 for none: (B, KV, Tk) bool."""
+        return self.evict[layer].gather(-1, key_slot.clamp(min=0)) & (key_slot >= 0)
+
     def attend(self, layer: int, q, k, v):
         """Write the chunk's k, v: (B, KV, T, D) into this layer's pages, then attend q: (B, H, T, D) to what it holds.
 
@@ -176,14 +196,19 @@ class PagedKVCache:
         rows = self._rows(self.table[layer], write.clamp(min=0))[new]
         self.pool.rows("k").index_copy_(0, rows, k[new])
         self.pool.rows("v").index_copy_(0, rows, v[new])
-        if T == 1 and kernels.use_triton(q) and self.observe.window is None and self.args.sliding_window is None:
+        dms = self.observe.dms_window is not None
+        if T == 1 and kernels.use_triton(q) and self.observe.window is None and self.args.sliding_window is None and not dms:
             return self._decode_kernel(layer, q)
         if not self.past_len[layer].any():  # nothing held before: the chunk attends to itself, as in the dense cache
             keys, values, key_slot = k, v, write
-            if self.self_mask is None:  # the same in every such layer
-                self.self_visible = self._visible(self.q_pos[:, None])  # (B, 1, T, T)
-                self.self_mask = self._mask(self.self_visible, q.dtype)
-            visible, mask = self.self_visible, self.self_mask
+            if dms:  # decisions differ by layer and head
+                visible = self._visible(self.q_pos[:, None], self._evicted(layer, write)).repeat_interleave(H // KV, dim=1)
+                mask = self._mask(visible, q.dtype)
+            else:
+                if self.self_mask is None:  # the same in every such layer
+                    self.self_visible = self._visible(self.q_pos[:, None])  # (B, 1, T, T)
+                    self.self_mask = self._mask(self.self_visible, q.dtype)
+                visible, mask = self.self_visible, self.self_mask
         else:
             n = self.length[layer]  # (B, KV)
             S = int(n.max())
@@ -194,7 +219,8 @@ class PagedKVCache:
             keys = self.pool.rows("k").index_select(0, rows).view(B, KV, S, D)
             values = self.pool.rows("v").index_select(0, rows).view(B, KV, S, D)
             key_slot = torch.where(held, slot, -1)
-            visible = self._visible(torch.where(held, self.pos[layer].gather(-1, slot), -1))  # (B, KV, T, S)
+            key_pos = torch.where(held, self.pos[layer].gather(-1, slot), -1)
+            visible = self._visible(key_pos, self._evicted(layer, key_slot) if dms else None)  # (B, KV, T, S)
             visible = visible.repeat_interleave(H // KV, dim=1)
             mask = self._mask(visible, q.dtype)
         out = attend(q, keys, values, mask)
@@ -209,14 +235,16 @@ class PagedKVCache:
             self.mass[layer] += mass * (self.q_pos >= 0)[:, :, None]  # q_pos (B, 1); a padded row's query counts for nothing
         return out[:, :, None]
 
-    def _visible(self, key_pos):
+    def _visible(self, key_pos, evicted=None):
         """Which keys each query of the chunk sees: key_pos (B, X, Tk) -> bool (B, X, T, Tk). A real query sees the
-        held keys not after it (within the sliding window); a padded query sees every key, so no softmax row is
-        empty, and its output is never used."""
+        held keys not after it (within the sliding window; for DMS, evicted (B, X, Tk) keys only within its window);
+        a padded query sees every key, so no softmax row is empty, and its output is never used."""
         q, k = self.q_pos[:, None, :, None], key_pos[:, :, None, :]
         visible = (k <= q) & (k >= 0)
         if self.args.sliding_window is not None:
             visible &= q - k < self.args.sliding_window
+        if evicted is not None:
+            visible = visible & (~evicted[:, :, None, :] | (q - k <= self.observe.dms_window))
         return visible | (q < 0)
 
     @staticmethod
@@ -252,6 +280,7 @@ class PagedKVCache:
         cat = lambda x, n, fill: torch.cat([x, x.new_full((*x.shape[:3], n, *x.shape[4:]), fill)], dim=3)
         self.table, self.pos = cat(self.table, extra, -1), cat(self.pos, slots, -1)
         self.mass, self.window = cat(self.mass, slots, 0), cat(self.window, slots, 0)
+        self.evict = cat(self.evict, slots, False)
 
     def _observe(self, layer, q, keys, visible, key_slot):
         """Record what self.observe asks for from this layer's attention probabilities, a block of queries at a time."""
@@ -304,7 +333,7 @@ class PagedKVCache:
         for which in ("k", "v"):
             rows = self.pool.rows(which)
             rows[dst[moved]] = rows[src[moved]]
-        for name, fill in (("pos", -1), ("mass", 0), ("window", 0)):
+        for name, fill in (("pos", -1), ("mass", 0), ("window", 0), ("evict", False)):
             x = getattr(self, name)
             y = torch.full_like(x, fill)
             y[l, b, h, new] = x[l, b, h, old]
@@ -323,6 +352,7 @@ class PagedKVCache:
         self.table = self.table[..., :P].contiguous()
         self.pos, self.mass = self.pos[..., :slots].contiguous(), self.mass[..., :slots].contiguous()
         self.window = self.window[..., :slots, :].contiguous()
+        self.evict = self.evict[..., :slots].contiguous()
 
     def truncate(self, limit: torch.Tensor):
         """Drop every slot whose position is >= limit[b] (B,), e.g. the reference answer after an oracle pass."""
@@ -336,6 +366,7 @@ class PagedKVCache:
         self.pos[:, rows] = -1
         self.mass[:, rows] = 0
         self.window[:, rows] = 0
+        self.evict[:, rows] = False
         self._free_pages_past(n_pages)
 
     def fork(self) -> "PagedKVCache":
@@ -346,7 +377,9 @@ class PagedKVCache:
         self.pool.k[ids], self.pool.v[ids] = self.pool.k[self.table[held]], self.pool.v[self.table[held]]
         other.table = self.table.clone()
         other.table[held] = ids
-        other.length, other.pos, other.mass, other.window = (x.clone() for x in (self.length, self.pos, self.mass, self.window))
+        other.length, other.pos, other.mass, other.window, other.evict = (
+            x.clone() for x in (self.length, self.pos, self.mass, self.window, self.evict))
+        other.observe = Observe(dms_window=self.observe.dms_window)  # DMS keeps deciding; other statistics start afresh
         return other
 
     def keys(self, b: int, n_slots: int) -> torch.Tensor:

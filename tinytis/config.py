@@ -5,6 +5,8 @@ from pathlib import Path
 
 from tinytis.errors import UserError
 
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
 
 @dataclass
 class ModelArgs:
@@ -20,6 +22,7 @@ class ModelArgs:
     max_seq_len: int = 32768
     sliding_window: int | None = None
     tie_embeddings: bool = False
+    rope_scaling: dict | None = None  # llama3: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -32,8 +35,8 @@ class ModelArgs:
             raise UserError(f"unknown model_type {model_type!r} in config.json; tinytis runs 'mistral' and 'llama' models")
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise UserError(f"rope type {rope_type!r} in config.json is not supported; tinytis implements plain RoPE")
+        if rope_type not in ("default", "llama3"):
+            raise UserError(f"rope type {rope_type!r} in config.json is not supported; tinytis implements plain and llama3 RoPE")
         n_heads = cfg["num_attention_heads"]
         return cls(
             dim=cfg["hidden_size"],
@@ -48,6 +51,7 @@ class ModelArgs:
             max_seq_len=cfg.get("max_position_embeddings", 32768),
             sliding_window=cfg.get("sliding_window"),
             tie_embeddings=cfg.get("tie_word_embeddings", False),
+            rope_scaling={k: rope[k] for k in LLAMA3_ROPE_KEYS} if rope_type == "llama3" else None,
         )
 
     @classmethod
@@ -101,7 +105,7 @@ class ModelArgs:
             "bos_token_id": 1,
             "eos_token_id": 2,
             "torch_dtype": "float32",
-        }
+        } | ({"rope_scaling": {"rope_type": "llama3", **self.rope_scaling}} if self.rope_scaling else {})
 
     def to_dict(self) -> dict:
         return asdict(self)

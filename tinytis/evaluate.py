@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tinytis.engine import SamplingParams, decode, prefill
 from tinytis import shard
+from tinytis.engine import SamplingParams, decode, prefill
 from tinytis.errors import UserError
 from tinytis.manager import CacheManager, ManagerConfig
-from tinytis.policies import Policy, make_policy
+from tinytis.model import Transformer
+from tinytis.policies import Needs, Policy, make_policy
 from tinytis.tasks import Sample, fidelity, litm, multiq, narrative, niah
 from tinytis.tasks.seeds import EVAL_SEEDS
 
@@ -106,12 +107,14 @@ class Probe(Policy):
 
 class Evaluator:
     """Runs the grid. Each batch of a cell is prefilled once per group of policies with the same needs (the oracle,
-    H2O, TOVA and SnapKV record different statistics; the rest record none); every (policy, budget) of the group
-    then compresses its own fork of that cache and answers from it. Same result as one prefill per run, less work."""
+    H2O, TOVA and SnapKV record different statistics; the rest record none) and model; every (policy, budget) of the
+    group then compresses its own fork of that cache and answers from it. Same result as one prefill per run, less
+    work. policy_models: the model directory a policy runs on instead of model_dir (dms: the DMS model); fidelity
+    is always measured against the full cache of the evaluated model."""
 
-    def __init__(self, model, tokenizer, model_dir, batch_size: int = 16, seed: int = 0):
+    def __init__(self, model, tokenizer, model_dir, batch_size: int = 16, seed: int = 0, policy_models=None):
         self.model, self.tok, self.batch_size, self.seed = model, tokenizer, batch_size, seed
-        self.model_dir = model_dir
+        self.model_dir, self.policy_models = model_dir, policy_models or {}
         self.count = lambda s: len(tokenizer.encode(s, bos=False))
         self.commit = git_commit()
         self.timing = []  # (task, policy, budget, setting, prompt tokens, prefill s, total s, peak kv bytes)
@@ -120,10 +123,12 @@ class Evaluator:
             rank: int = 0, world: int = 1) -> list[Row] | None:
         """The grid's rows. Under torchrun this rank runs every world-th cell; rank 0 returns all rows (and
         self.timing) in single-process order, the other ranks None."""
-        instances = {p: make_policy(p, self.model_dir, self.model.args) for p in policies}
+        models = {p: Transformer.from_pretrained(self.policy_models[p]) if p in self.policy_models else self.model
+                  for p in policies}
+        instances = {p: make_policy(p, self.policy_models.get(p, self.model_dir), models[p].args) for p in policies}
         groups = {}
-        for p, b in runs(policies, budgets):
-            groups.setdefault(instances[p].needs, []).append((p, b))
+        for p, b in runs(policies, budgets, [p for p in policies if not instances[p].budgeted]):
+            groups.setdefault((instances[p].needs, self.policy_models.get(p)), []).append((p, b))
         jobs = [(c, s) for t in tasks for c in cells(t, lengths, depths, litm_docs) for s in settings]
         rows, timing = {}, {}  # job index -> its rows, its timings
         for j in tqdm(range(rank, len(jobs), world), desc="eval", unit="cell", disable=rank != 0):
@@ -132,9 +137,12 @@ class Evaluator:
             scores = {}  # (policy, budget) -> {metric: [values]}, [kv held, kv full]
             start = len(self.timing)
             for i in range(0, n, self.batch_size):
-                batch = samples[i : i + self.batch_size]
-                for needs, group in groups.items():
-                    self.run_group(cell.task, batch, setting, needs, [(p, instances[p], b) for p, b in group], scores)
+                batch = self.encode(samples[i : i + self.batch_size], setting)
+                full_logits = self.full_logits(*batch) if cell.task == "fidelity" else None
+                for (needs, _), group in groups.items():
+                    model = models[group[0][0]]
+                    self.run_group(cell.task, batch, setting, needs, [(p, instances[p], b) for p, b in group], scores,
+                                   model, full_logits)
             timing[j] = self.timing[start:]
             rows[j] = [Row(cell.task, cell.variant, policy, budget, setting, cell.length, cell.depth, m, len(v),
                            sum(v) / len(v), held, full, self.seed, self.commit)
@@ -142,8 +150,8 @@ class Evaluator:
         self.timing = shard.merge(timing, rank, world)
         return shard.merge(rows, rank, world)
 
-    @torch.inference_mode()
-    def run_group(self, task, batch: list[Sample], setting, needs, group, scores):
+    def encode(self, batch: list[Sample], setting):
+        """(samples, contexts, questions or None, continuations): what is compressed and what follows it."""
         enc = lambda s: self.tok.encode(s, bos=False)
         contexts = [self.tok.encode(s.context) for s in batch]
         questions = [enc(s.question) for s in batch]
@@ -151,21 +159,31 @@ class Evaluator:
         conts = [q + a for q, a in zip(questions, answers)]  # what follows the compressed context
         if setting == "aware":
             contexts, questions, conts = [c + q for c, q in zip(contexts, questions)], None, answers
-        manager = CacheManager(self.model.args, Probe(needs), ManagerConfig(1.0))
-        base = prefill(self.model, contexts, manager, references=conts)
-        full_logits = self.continue_logits(base.fork(), conts) if task == "fidelity" else None
+        return batch, contexts, questions, conts
+
+    @torch.inference_mode()
+    def full_logits(self, batch, contexts, questions, conts):
+        """The evaluated model's logits over the continuations with its full cache: the fidelity reference."""
+        state = prefill(self.model, contexts, CacheManager(self.model.args, Probe(Needs()), ManagerConfig(1.0)))
+        return self.continue_logits(self.model, state, conts)
+
+    @torch.inference_mode()
+    def run_group(self, task, encoded, setting, needs, group, scores, model, full_logits):
+        batch, contexts, questions, conts = encoded
+        manager = CacheManager(model.args, Probe(needs), ManagerConfig(1.0))
+        base = prefill(model, contexts, manager, references=conts)
         for name, policy, budget in group:
             t0 = time.perf_counter()
             state = base.fork()
             state.manager.compress(state.cache, policy, budget, decode_budget=budget if task == "multiq" else None)
             state = replace(state, stats=state.manager.stats(state.cache))
             if task == "fidelity":
-                metrics, stats = fidelity_metrics(full_logits, self.continue_logits(state.fork(), conts), conts), state.stats
+                metrics, stats = fidelity_metrics(full_logits, self.continue_logits(model, state.fork(), conts), conts), state.stats
             elif task == "multiq":
-                predictions, stats = self.converse(state, batch, questions)
+                predictions, stats = self.converse(model, state, batch, questions)
                 metrics = {"em": [multiq.score(p, s) for p, s in zip(predictions, batch)]}
             else:
-                gen = decode(self.model, state, questions, SamplingParams(MAX_NEW_TOKENS), self.tok.eos_id)
+                gen = decode(model, state, questions, SamplingParams(MAX_NEW_TOKENS), self.tok.eos_id)
                 metrics, stats = {}, gen.stats
                 for s, tokens in zip(batch, gen.tokens):
                     for k, v in score_answer(task, self.tok.decode(tokens), s.answer).items():
@@ -179,7 +197,7 @@ class Evaluator:
             scores[(name, budget)] = (entry[0], entry[1] + stats["kv_bytes_held"], entry[2] + stats["kv_bytes_full"])
         base.free()
 
-    def converse(self, state, batch: list[Sample], first_questions):
+    def converse(self, model, state, batch: list[Sample], first_questions):
         """Ask each sample's questions in turn from its cache, the model's answers left in it between them.
         first_questions: the ids of the first (None when it ends the compressed context). Returns each sample's
         answers, in order, and the statistics of the last one (the pool's peak covers them all)."""
@@ -188,20 +206,20 @@ class Evaluator:
                                      for j in range(n_follow_ups)]
         predictions = [[] for _ in batch]
         for questions in turns:
-            gen = decode(self.model, state, questions, SamplingParams(MAX_NEW_TOKENS), self.tok.eos_id)
+            gen = decode(model, state, questions, SamplingParams(MAX_NEW_TOKENS), self.tok.eos_id)
             for prediction, tokens in zip(predictions, gen.tokens):
                 prediction.append(self.tok.decode(tokens))
             next_pos = state.manager.last_pos + 1  # (B,) after the answer just fed (EOS is not)
             state = replace(state, next_pos=next_pos[:, None].to(state.next_pos.device))
         return predictions, gen.stats
 
-    def continue_logits(self, state, conts) -> list[torch.Tensor]:
+    def continue_logits(self, model, state, conts) -> list[torch.Tensor]:
         """Teacher-forced logits over each continuation, at the positions that predict its next token.
         The continuation goes into state's cache, so state is used up (pass a fork); its pages are freed."""
         T = max(len(c) for c in conts)
         ids = torch.tensor([c + [self.tok.eos_id] * (T - len(c)) for c in conts])
         positions = state.next_pos + torch.arange(T)[None]
-        logits = self.model(ids, positions, state.cache)
+        logits = model(ids, positions, state.cache)
         state.free()
         return [logits[b, : len(c) - 1] for b, c in enumerate(conts)]
 
@@ -220,10 +238,11 @@ def fidelity_metrics(full: list, evicted: list, conts) -> dict:
     return metrics
 
 
-def runs(policies, budgets):
-    """(policy, budget) pairs: the full cache once at 1.0; every other policy at each budget below 1."""
-    pairs = [("full", 1.0)] if "full" in policies else []
-    return pairs + [(p, b) for p in policies if p != "full" for b in budgets if b != 1.0]
+def runs(policies, budgets, unbudgeted=()):
+    """(policy, budget) pairs: the full cache and the policies that set their own budget (dms) once at 1.0; every
+    other policy at each budget below 1."""
+    once = [p for p in policies if p == "full" or p in unbudgeted]
+    return [(p, 1.0) for p in once] + [(p, b) for p in policies if p not in once for b in budgets if b != 1.0]
 
 
 def write_csv(rows: list[Row], path: Path):
@@ -270,15 +289,30 @@ def read_csv(path: Path) -> list[Row]:
         return [Row(**{k: types[k](v) for k, v in r.items()}) for r in reader]
 
 
+def kv_kept(rows: list[Row]) -> dict:
+    """KV bytes held after compression / the full cache's, per (task, variant, setting, policy, budget): a policy
+    that sets its own budget (dms) is compared with the others at this fraction."""
+    first, acc = {}, {}
+    for r in rows:
+        if r.metric == first.setdefault((r.task, r.variant), r.metric):  # every metric of a cell holds the same bytes
+            a = acc.setdefault((r.task, r.variant, r.setting, r.policy, r.budget), [0, 0])
+            a[0], a[1] = a[0] + r.kv_bytes_held, a[1] + r.kv_bytes_full
+    return {k: held / full for k, (held, full) in acc.items()}
+
+
 def format_summary(rows: list[Row]) -> str:
-    """Markdown tables, one per (task, variant, metric, setting): a row per policy, a column per budget, n per cell."""
-    summary = summarize(rows)
+    """Markdown tables, one per (task, variant, metric, setting): a row per policy, a column per budget, n per cell;
+    then one of the KV bytes held per (task, variant, setting)."""
+    tables = {}
+    for (task, variant, metric, policy, budget, setting), value in summarize(rows).items():
+        tables.setdefault((task, variant, metric, setting), {})[(policy, budget)] = value
+    for (task, variant, setting, policy, budget), fraction in kv_kept(rows).items():
+        tables.setdefault((task, variant, "KV bytes held / full cache", setting), {})[(policy, budget)] = (fraction, 0)
     out = []
-    for task, variant, metric, setting in sorted({(k[0], k[1], k[2], k[5]) for k in summary}):
-        cells = {(k[3], k[4]): v for k, v in summary.items() if (k[0], k[1], k[2], k[5]) == (task, variant, metric, setting)}
+    for (task, variant, metric, setting), cells in sorted(tables.items()):
         budgets = sorted({b for _, b in cells})
         n = max(v[1] for v in cells.values())
-        out.append(f"\n**{task} {variant}, {metric}, query-{setting}** (n = {n} per cell)\n")
+        out.append(f"\n**{task} {variant}, {metric}, query-{setting}**" + (f" (n = {n} per cell)\n" if n else "\n"))
         out.append("| policy | " + " | ".join(f"{b:g}" for b in budgets) + " |")
         out.append("|---|" + "---:|" * len(budgets))
         for policy in sorted({p for p, _ in cells}, key=lambda p: (p != "full", p)):

@@ -85,7 +85,8 @@ class CacheManager:
         if self.config.decode_budget is not None:
             self.decode_budget = self._budgets(self.config.decode_budget, context_lengths)
         window = reference_lengths if needs.reference else [needs.window] * len(context_lengths) if needs.window else None
-        cache.observe = Observe(mass=needs.mass, window=None if window is None else torch.tensor(window))
+        cache.observe = Observe(mass=needs.mass, window=None if window is None else torch.tensor(window),
+                                dms_window=needs.dms_window)
         device = cache.length.device
         dim = self.args.dim
         self.tokens = [
@@ -130,9 +131,9 @@ class CacheManager:
     # -- hooks called by the engine ---------------------------------------------------------------------------------
 
     def after_chunk(self, cache, ids, positions, hidden):
-        """After a prefill forward: record its tokens; with chunked prefill, evict back to the budget."""
+        """After a prefill forward: record its tokens; with chunked prefill (or DMS), evict back to the budget."""
         self._record(ids, positions, hidden)
-        if self.config.prefill_chunk:
+        if self.config.prefill_chunk or not self.policy.budgeted:
             self.evict(cache, self.budget)
 
     def after_prefill(self, cache):
@@ -145,9 +146,12 @@ class CacheManager:
         self.evict(cache, self.budget)
 
     def after_step(self, cache, ids, positions, hidden):
-        """After a forward past the context (question or decoding): record; evict if a head ran past its buffer."""
+        """After a forward past the context (question or decoding): record; evict if a head ran past its buffer
+        (DMS: evict what the policy decided, after every forward)."""
         self._record(ids, positions, hidden)
-        if self.decode_budget is not None and self._over(cache, self.decode_budget + self.config.decode_buffer):
+        if not self.policy.budgeted:
+            self.evict(cache, self.budget)
+        elif self.decode_budget is not None and self._over(cache, self.decode_budget + self.config.decode_buffer):
             self.evict(cache, self.decode_budget)
 
     def _record(self, ids, positions, hidden):
@@ -166,8 +170,9 @@ class CacheManager:
         return bool((held > budget[..., None]).any())
 
     def evict(self, cache: PagedKVCache, budget: torch.Tensor):
-        """Keep, per (layer, KV head), the anchors and the best-scored slots up to budget (L, B); free the rest."""
-        if not self.policy.evicts or not self._over(cache, budget):
+        """Keep, per (layer, KV head), the anchors and the best-scored slots up to budget (L, B); free the rest.
+        A policy without a budget (DMS) keeps every slot it does not score -inf."""
+        if not self.policy.evicts or self.policy.budgeted and not self._over(cache, budget):
             return
         t0 = time.perf_counter()
         L, B, KV = cache.length.shape
@@ -178,14 +183,18 @@ class CacheManager:
             if n:
                 scores[:, b, :, :n] = self.policy.score(self.context(cache, b, n, budget[:, b]))
         pos = cache.pos[..., :S]
-        k = budget.to(pos.device)[..., None, None]  # (L, B, 1, 1)
-        sinks, recent = self.policy.anchors or (self.config.n_sink, self.config.n_recent)
-        n_sink = k.clamp(max=sinks)  # a budget below the anchors keeps the sinks, then the newest
-        n_recent = (k - n_sink).clamp(max=recent)
-        anchors = (pos >= 0) & ((pos < n_sink) | (pos > self.last_pos.to(pos.device)[None, :, None, None] - n_recent))
-        # anchors rank above everything, even a policy's own +inf (SnapKV's window, H2O's recent half)
-        scores = scores.clamp(max=torch.finfo(scores.dtype).max).masked_fill(anchors, math.inf).masked_fill(pos < 0, -math.inf)
-        cache.compact(top_k(scores, k[..., 0, 0], self.config.head_adaptive) & (pos >= 0))
+        if self.policy.budgeted:
+            k = budget.to(pos.device)[..., None, None]  # (L, B, 1, 1)
+            sinks, recent = self.policy.anchors or (self.config.n_sink, self.config.n_recent)
+            n_sink = k.clamp(max=sinks)  # a budget below the anchors keeps the sinks, then the newest
+            n_recent = (k - n_sink).clamp(max=recent)
+            anchors = (pos >= 0) & ((pos < n_sink) | (pos > self.last_pos.to(pos.device)[None, :, None, None] - n_recent))
+            # anchors rank above everything, even a policy's own +inf (SnapKV's window, H2O's recent half)
+            scores = scores.clamp(max=torch.finfo(scores.dtype).max).masked_fill(anchors, math.inf).masked_fill(pos < 0, -math.inf)
+            keep = top_k(scores, k[..., 0, 0], self.config.head_adaptive)
+        else:
+            keep = scores > -math.inf
+        cache.compact(keep & (pos >= 0))
         self._prune(cache)
         self.evict_s += time.perf_counter() - t0
 
@@ -202,6 +211,7 @@ class CacheManager:
             mass=cache.mass[:, b, :, :n] if needs.mass else None,
             window=cache.window[:, b, :, :n] if needs.window or needs.reference else None,
             keys=cache.keys(b, n) if needs.keys else None,
+            evict=cache.evict[:, b, :, :n] if needs.dms_window is not None else None,
         )
 
     def _prune(self, cache):

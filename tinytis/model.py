@@ -4,6 +4,7 @@ The model does not own a KV cache. A forward pass is given one (or none, for tra
 scoring full sequences): the cache stores the new keys and values and runs attention over
 whatever it holds, which is how eviction stays out of the model.
 """
+import math
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 from tinytis import nf4
 from tinytis.config import ModelArgs
+from tinytis.dms import METADATA_FILE, DMSConfig, attach
 from tinytis.errors import UserError
 from tinytis.weights import Checkpoint
 
@@ -28,9 +30,21 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype):
-    """cos and sin for RoPE on halves at integer positions (B, T) -> (B, 1, T, head_dim) each."""
+def llama3_inv_freq(inv_freq, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+    """Llama 3 RoPE scaling: wavelengths longer than original / low_freq_factor are stretched by factor, those
+    shorter than original / high_freq_factor are kept, and the ones between are interpolated."""
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    between = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    stretched = torch.where(wavelen > original_max_position_embeddings / low_freq_factor, inv_freq / factor, between)
+    return torch.where(wavelen < original_max_position_embeddings / high_freq_factor, inv_freq, stretched)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype, scaling: dict | None = None):
+    """cos and sin for RoPE on halves at integer positions (B, T) -> (B, 1, T, head_dim) each; scaling: llama3's."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    if scaling is not None:
+        inv_freq = llama3_inv_freq(inv_freq, **scaling)
     freqs = positions.clamp(min=0).float()[..., None] * inv_freq  # (B, T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -81,6 +95,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * d, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * d, bias=False)
         self.wo = nn.Linear(args.n_heads * d, args.dim, bias=False)
+        self.dms = None  # a DMSConfig: a query channel carries the eviction logits (tinytis.dms)
 
     def forward(self, x, cos, sin, cache=None, mask=None, key_bias=None):
         B, T, _ = x.shape
@@ -89,7 +104,13 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.args.n_heads, d).transpose(1, 2)
         k = self.wk(x).view(B, T, self.args.n_kv_heads, d).transpose(1, 2)
         v = self.wv(x).view(B, T, self.args.n_kv_heads, d).transpose(1, 2)
+        if self.dms is not None:
+            q, evict_logits = self.dms.borrow(q, self.args.n_kv_heads)  # (B, KV, T)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.dms is not None:
+            q = self.dms.zero(q, self.args.n_kv_heads)  # RoPE rotated the channel's pair into it
+            if cache is not None:
+                cache.decide(self.layer_id, evict_logits)
         if cache is None:
             out = attend(q, k, v, mask, None if key_bias is None else key_bias[self.layer_id])
         else:
@@ -131,6 +152,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.dms = None  # the DMSConfig of a DMS model (tinytis.dms.attach)
 
     def init_weights(self, seed: int, std: float = 0.02):
         """Random initialisation for training from scratch (norms at 1, linear and embedding ~ N(0, std))."""
@@ -158,7 +180,7 @@ class Transformer(nn.Module):
             mask = attention_mask(positions, positions, self.args.sliding_window, x.dtype)
         if cache is not None:
             cache.begin_forward(positions)
-        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, x.dtype, self.args.rope_scaling)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, mask, key_bias)
         return self.norm(x)
@@ -203,6 +225,8 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight
             loaded.add("output.weight")
+        if (path / METADATA_FILE).exists():
+            attach(model, DMSConfig.load(path, args))
         missing = sorted(set(expected) - loaded)
         if missing:
             raise UserError(f"{path}: weights missing for {missing[0]} and {len(missing) - 1} more; the checkpoint is incomplete")

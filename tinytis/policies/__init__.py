@@ -5,6 +5,7 @@ from tinytis.errors import UserError
 from tinytis.policies.attention import H2O, TOVA, SnapKV
 from tinytis.policies.base import Needs, Policy, ScoreContext
 from tinytis.policies.baselines import Full, Random, Streaming
+from tinytis.policies.dms import DMSPolicy
 from tinytis.policies.knorm import KNorm
 from tinytis.policies.oracle import Oracle
 from tinytis.policies.tis import TISPolicy
@@ -19,11 +20,12 @@ POLICIES = {
     "knorm": KNorm,
     "oracle": Oracle,
     "tis": TISPolicy,
+    "dms": DMSPolicy,
 }
 
 
 def make_policy(name: str, model_dir=None, args=None) -> Policy:
-    """A policy by name; one with trained components (tis) loads them from model_dir for a model of shape args.
+    """A policy by name; one with trained components (tis, dms) loads them from model_dir for a model of shape args.
     'tis=FILE' loads the components from FILE instead (an ablation's, say)."""
     base, _, components = name.partition("=")
     if base not in POLICIES:

@@ -17,6 +17,7 @@ class Needs:
     keys: bool = False  # the cached keys themselves
     hidden: bool = False  # final-layer hidden states of the cached tokens
     reference: bool = False  # a reference answer, prefilled after the context; window = the answer's queries
+    dms_window: int | None = None  # DMS decisions of the model (tinytis.dms), applied beyond this distance
 
 
 @dataclass
@@ -33,6 +34,7 @@ class ScoreContext:
     mass: torch.Tensor | None = None  # (L, KV, S) attention received so far, mean over the GQA group (Needs.mass)
     window: torch.Tensor | None = None  # (L, KV, S, G) attention from the window queries, summed over them (Needs.window)
     keys: torch.Tensor | None = None  # (L, KV, S, D) cached keys, after RoPE (Needs.keys)
+    evict: torch.Tensor | None = None  # (L, KV, S) bool: DMS decided to evict the slot out of its window (Needs.dms_window)
 
     @property
     def valid(self) -> torch.Tensor:
@@ -51,6 +53,7 @@ class Policy:
     needs = Needs()
     evicts = True  # False: the cache is never evicted (the full-cache baseline)
     anchors: tuple[int, int] | None = None  # (n_sink, n_recent) a learned policy was trained with; None: the manager's
+    budgeted = True  # False: the policy decides itself what goes (score -inf), with no budget and no anchors (dms)
 
     @classmethod
     def for_model(cls, model_dir, args) -> "Policy":
