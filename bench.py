@@ -420,7 +420,8 @@ def plot_peers(rows, path: Path):
     panels = sorted({k[:2] for k in summary})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     policies = sorted({k[3] for k in summary if k[3] not in ("full", "transformers")})
-    colors = {p: plt.get_cmap("tab20")(i % 20) for i, p in enumerate(policies)}
+    colors = {p: plt.get_cmap("tab20")(i % 20) for i, p in enumerate(policies)} | {"tis": "crimson"}
+    budgets = sorted({k[4] for k in summary})
     for ax, (task, variant) in zip(axes[0], panels):
         series = {k[3:5]: v for k, v in summary.items() if k[:2] == (task, variant)}
         for policy in policies:
@@ -431,6 +432,8 @@ def plot_peers(rows, path: Path):
         if ("full", 1.0) in series:
             ax.axhline(series[("full", 1.0)], color="black", linewidth=0.8, label="full cache")
         ax.set_xscale("log")
+        ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+        ax.minorticks_off()
         ax.set_xlabel("budget (fraction of the context kept)")
         ax.set_ylabel("exact match")
         ax.set_ylim(-0.02, 1.02)
