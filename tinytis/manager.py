@@ -85,7 +85,8 @@ class CacheManager:
         if self.config.decode_budget is not None:
             self.decode_budget = self._budgets(self.config.decode_budget, context_lengths)
         window = reference_lengths if needs.reference else [needs.window] * len(context_lengths) if needs.window else None
-        cache.observe = Observe(mass=needs.mass, window=None if window is None else torch.tensor(window))
+        cache.observe = Observe(mass=needs.mass, window=None if window is None else torch.tensor(window),
+                                slot_value=needs.slot_value)
         device = cache.length.device
         dim = self.args.dim
         self.tokens = [
@@ -136,7 +137,7 @@ class CacheManager:
         """The whole context is in: drop the reference answer if there is one, and evict to the budget."""
         if self.policy.needs.reference:
             cache.truncate(torch.tensor(self.lengths))
-            cache.observe = Observe()  # keep the answer's attention as the scores from now on
+            cache.observe = Observe(slot_value=self.policy.needs.slot_value)  # keep the answer's attention as the scores
             self.last_pos = torch.tensor(self.lengths) - 1
             self._prune(cache)
         self.evict(cache, self.budget)
@@ -198,6 +199,7 @@ class CacheManager:
             mass=cache.mass[:, b, :, :n] if needs.mass else None,
             window=cache.window[:, b, :, :n] if needs.window or needs.reference else None,
             keys=cache.keys(b, n) if needs.keys else None,
+            slot_value=cache.slot_value[:, b, :, :n] if needs.slot_value else None,
         )
 
     def _prune(self, cache):

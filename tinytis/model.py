@@ -97,7 +97,7 @@ class Attention(nn.Module):
         if cache is None:
             out = attend(q, k, v, mask, None if key_bias is None else key_bias[self.layer_id])
         else:
-            out = cache.attend(self.layer_id, q, k, v)
+            out = cache.attend(self.layer_id, q, k, v, x)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -6,6 +6,7 @@ from tinytis.policies.baselines import Full, Random, Streaming
 from tinytis.policies.knorm import KNorm
 from tinytis.policies.oracle import Oracle
 from tinytis.policies.tis import TISPolicy
+from tinytis.policies.trimkv import TrimKVPolicy
 
 POLICIES = {
     "full": Full,
@@ -17,14 +18,15 @@ POLICIES = {
     "knorm": KNorm,
     "oracle": Oracle,
     "tis": TISPolicy,
+    "trimkv": TrimKVPolicy,
 }
 
 
 def make_policy(name: str, model_dir=None, args=None) -> Policy:
-    """A policy by name; one with trained components (tis) loads them from model_dir for a model of shape args."""
+    """A policy by name; one with trained components (tis, trimkv) loads them from model_dir for a model of shape args."""
     if name not in POLICIES:
         raise UserError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
     return POLICIES[name].for_model(model_dir, args)
 
 
-__all__ = ["POLICIES", "make_policy", "Needs", "Policy", "ScoreContext", "TISPolicy"]
+__all__ = ["POLICIES", "make_policy", "Needs", "Policy", "ScoreContext", "TISPolicy", "TrimKVPolicy"]
