@@ -431,7 +431,7 @@ def main():
     p = sub.add_parser("trimkv", help="TRIM-KV: retention gates on the frozen model, distillation + capacity loss")
     p.add_argument("--model", default="models/tiny", help="frozen base model directory")
     p.add_argument("--out", default=None, help=f"gates file to write (default: MODEL/{GATES_FILE})")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=120)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--min-len", type=int, default=256)
     p.add_argument("--max-len", type=int, default=1024)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.random_model import random_model, random_prompts
+from tests.test_tis import model_dir  # noqa: F401  (fixture: a small random model with a trained tokenizer)
 from tinytis.config import ModelArgs
 from tinytis.engine import SamplingParams, decode, prefill
 from tinytis.errors import UserError
@@ -209,3 +210,42 @@ def test_trimkv_without_gates_is_one_line_and_exit_2(tmp_path, command):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "no TRIM-KV retention gates" in lines[0] and "train.py trimkv" in lines[0], r.stderr
+
+
+def _trimkv_args(model_dir, run_dir, out, resume=False):
+    import argparse
+
+    return argparse.Namespace(stage="trimkv", model=str(model_dir), out=str(out), steps=4, lr=3e-3, min_len=64, max_len=96,
+                              memory_size=16, buffer_size=4, lambda_capacity=1.0, gate_hidden=8, n_sink=2, n_recent=4,
+                              eval_every=1000, run_dir=str(run_dir), resume=resume, seed=0, save_every_s=0.0, threads=1)
+
+
+def test_trimkv_training_resumes_to_the_same_gates(model_dir, tmp_path, monkeypatch):
+    """An interrupted `train.py trimkv --resume` gives bit-identical gates to an uninterrupted run; training moved them."""
+    import train
+    from tests.test_tis import SMALL
+
+    monkeypatch.setattr(train, "evaluate_eviction", lambda *a, **k: 0.0)
+    monkeypatch.setattr(train, "TIS_TOKENS_PER_STEP", 256)
+    train.train_trimkv(_trimkv_args(model_dir, tmp_path / "a", tmp_path / "a.safetensors"))
+    calls = {"n": 0}
+    real = train.trimkv_losses
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "trimkv_losses", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_trimkv(_trimkv_args(model_dir, tmp_path / "b", tmp_path / "b.safetensors"))
+    monkeypatch.setattr(train, "trimkv_losses", real)
+    train.train_trimkv(_trimkv_args(model_dir, tmp_path / "b", tmp_path / "b.safetensors", resume=True))
+    (tmp_path / "a").joinpath(GATES_FILE).symlink_to(tmp_path / "a.safetensors")
+    (tmp_path / "b").joinpath(GATES_FILE).symlink_to(tmp_path / "b.safetensors")
+    a, b = RetentionGates.load(tmp_path / "a", SMALL), RetentionGates.load(tmp_path / "b", SMALL)
+    assert a.meta["memory_size"] == 16 and "train.py trimkv" in a.meta["command"]
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    assert (a.layers[0].bias - torch.log(torch.tensor(2 * 16 - 1.0))).abs().max() > 1e-4
