@@ -1,9 +1,9 @@
 """KV caches. A cache stores each forward chunk's keys and values and runs attention over what it holds.
 
 Interface used by the model:
-  begin_forward(positions)        positions (B, T) of the chunk about to run, -1 for padding
+  begin_forward(positions)           positions (B, T) of the chunk about to run, -1 for padding
   attend(layer, q, k, v, x) -> out   store k, v: (B, KV, T, D) for this layer, attend q: (B, H, T, D) to the cache;
-                                  x: (B, T, dim) the layer's normed input, for a cache that records a value per slot
+                                     x: (B, T, dim) the layer's normed input, for a cache that records a value per slot
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -117,7 +117,7 @@ class PagedKVCache:
       pos     (L, B, KV, P * ps)       original position of each slot, -1 when unused; strictly increasing along slots
       mass    (L, B, KV, P * ps)       attention each slot has received (Observe.mass)
       window  (L, B, KV, P * ps, G)    attention from the latest forward's window queries, per query head (Observe.window)
-      slot_value (L, B, KV, P * ps)    a number computed from the layer's input when the slot was written (Observe.slot_value)
+      slot_value (L, B, KV, P * ps)    computed from the layer's input when the slot was written (Observe.slot_value)
     Keys are stored after RoPE at their true positions and never renumbered. Padding (position -1) is never stored.
     """
 
