@@ -3,6 +3,7 @@
     python generate.py --prompt-file examples/hello.txt
     python generate.py --model mistralai/Mistral-7B-v0.3 --dtype bfloat16 --prompt "The capital of France is"
     python generate.py --prompt-file doc.txt --budget 0.25 --question "Who wrote it?" --question "When?"
+    python generate.py --prompt-file doc.txt --policy trimkv --budget 128 --decode-budget 128 --decode-buffer 32
 
 The prompt is prefilled into a paged KV cache and evicted to --budget by --policy; each --question is then
 answered from that same compressed cache (query-agnostic: the questions are not seen before eviction).
@@ -46,6 +47,9 @@ def parse_args(argv=None):
                                      "trained TIS components, as the embedded model does, else snapkv)")
     p.add_argument("--prefill-chunk", type=int, help="prefill this many tokens at a time, evicting after each chunk")
     p.add_argument("--decode-budget", type=budget, help="also evict while decoding, back to this budget")
+    p.add_argument("--decode-buffer", type=int, default=16,
+                   help="with --decode-budget: evict once a head holds this many tokens more (TRIM-KV: memory_size "
+                        "= --decode-budget, buffer_size = this)")
     p.add_argument("--question", action="append", help="a question answered from the compressed prompt (repeatable)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
@@ -54,6 +58,8 @@ def parse_args(argv=None):
         p.error(f"argument --temperature: must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         p.error(f"argument --top-p: must be in (0, 1], got {args.top_p}")
+    if args.decode_buffer < 0:
+        p.error(f"argument --decode-buffer: must be >= 0, got {args.decode_buffer}")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         p.error(f"argument --prefill-chunk: must be at least 1 token, got {args.prefill_chunk}")
     if any(not q.strip() for q in args.question or []):
@@ -114,7 +120,8 @@ def run(args, prompt: str):
     from tinytis.tokenizer import StreamDecoder, Tokenizer
     from tinytis.weights import resolve_model_dir
 
-    config = ManagerConfig(args.budget, prefill_chunk=args.prefill_chunk, decode_budget=args.decode_budget)
+    config = ManagerConfig(args.budget, prefill_chunk=args.prefill_chunk, decode_budget=args.decode_budget,
+                           decode_buffer=args.decode_buffer)
     path = resolve_model_dir(args.model)
     model = Transformer.from_pretrained(path, getattr(torch, args.dtype), quant=args.quant)
     if args.policy is None:

@@ -4,6 +4,7 @@
     python train.py oracle    # TIS stage 1: importance head supervised by oracle attention mass
     python train.py [ert]     # TIS stage 3: oracle warm start, then ERT -> models/tiny/tis_components.pt
     python train.py dms       # DMS retrofit of the base model -> models/tiny-dms (a model directory + dms_metadata.json)
+    python train.py trimkv    # TRIM-KV retention gates -> models/tiny/trimkv_gates.safetensors
 """
 import json
 import math
@@ -23,13 +24,14 @@ from tqdm import tqdm
 from tinytis.config import ModelArgs
 from tinytis.dms import DMSConfig, SequenceAttention, attach
 from tinytis.engine import left_pad
+from tinytis.errors import ArgumentParser, UserError, run_cli
 from tinytis.ert import ContextKV, alignment_loss, kl_full_evicted, soft_keep_log_mask
 from tinytis.importance import COMPONENTS_FILE, TIS
-from tinytis.errors import ArgumentParser, UserError, run_cli
 from tinytis.model import Transformer
 from tinytis.tasks import Sample, fidelity, training
 from tinytis.tasks.seeds import EVAL_SEEDS
 from tinytis.tokenizer import Tokenizer
+from tinytis.trimkv import GATES_FILE, GatedContextKV, RetentionGates, capacity_loss, compression_log_alpha
 from tinytis.weights import save_hf
 
 TINY = ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=512, vocab_size=1024,
@@ -119,6 +121,12 @@ def start_or_resume(ckpt: Path, module, opt, state: dict, resume: bool):
 def save_checkpoint(ckpt: Path, module, opt, state: dict, rng: random.Random):
     state["rng"] = rng.getstate()
     save_atomic({"model": module.state_dict(), "opt": opt.state_dict(), "state": state}, ckpt)
+
+
+def training_command(args) -> str:
+    """The train.py command line that reproduces a run, recorded in what it saves (--resume and --threads left out)."""
+    flags = [(f"--{k.replace('_', '-')}", v) for k, v in sorted(vars(args).items()) if k not in ("stage", "resume", "threads")]
+    return " ".join(["python train.py", args.stage] + [f if v is True else f"{f} {v}" for f, v in flags if v is not False])
 
 
 def cosine_lr(step: int, total: int, lr: float, warmup: int, final_ratio: float = 0.1) -> float:
@@ -258,18 +266,23 @@ def tis_losses(model, tis, batch, budget: float, anchors: tuple[int, int]):
     return align, kl_full_evicted(teacher, student, cont_mask)
 
 
+def evaluate_tis(model, tis, tok, budget: float, anchors) -> float:
+    return evaluate_eviction(model, tok, budget, anchors, lambda cache, hidden, ids, pos: tis(hidden, ids))
+
+
 @torch.no_grad()
-def evaluate_tis(model, tis, tok, budget: float, anchors, n: int = 32, length: int = 1024) -> float:
-    """Teacher-forced answer accuracy under hard eviction at `budget` on held-out samples."""
+def evaluate_eviction(model, tok, budget: float, anchors, score, n: int = 32, length: int = 1024) -> float:
+    """Teacher-forced answer accuracy under hard eviction at `budget` on held-out samples. score(cache, hidden,
+    ctx_ids, ctx_pos) -> (B, L, KV, C) scores the context prefilled into cache (a GatedContextKV)."""
     rng = random.Random(EVAL_SEEDS.start + 7)
     count = lambda s: len(tok.encode(s, bos=False))
     hits = []
     for _ in range(0, n, 8):
         samples = [training.sample(rng, length, count, TIS_FAMILIES) for _ in range(8)]
         ctx_ids, ctx_pos, cont_ids, cont_pos, cont_mask = context_batch(tok, samples)
-        cache = ContextKV()
+        cache = GatedContextKV()
         hidden = model.hidden_states(ctx_ids, ctx_pos, cache)
-        log_m = soft_keep_log_mask(tis(hidden, ctx_ids), ctx_pos, budget, *anchors)
+        log_m = soft_keep_log_mask(score(cache, hidden, ctx_ids, ctx_pos), ctx_pos, budget, *anchors)
         cache.key_bias = torch.where(log_m > math.log(0.5), 0.0, float("-inf"))
         logits = model(cont_ids, cont_pos, cache)
         answer_start = torch.tensor([len(tok.encode(s.question, bos=False)) - 1 for s in samples])[:, None]
@@ -287,8 +300,7 @@ def train_tis(args):
     count = lambda s: len(tok.encode(s, bos=False))
     anchors = (args.n_sink, args.n_recent)
     torch.manual_seed(args.seed)
-    flags = [(f"--{k.replace('_', '-')}", v) for k, v in sorted(vars(args).items()) if k not in ("stage", "resume", "threads")]
-    command = " ".join(["python train.py", args.stage] + [f if v is True else f"{f} {v}" for f, v in flags if v is not False])
+    command = training_command(args)
     tis = TIS(model.args, meta={"base_model": str(model_dir), "anchors": {"n_sink": args.n_sink, "n_recent": args.n_recent},
                                 "budgets": list(TIS_BUDGETS), "stage": args.stage, "command": command},
               per_head=not args.shared_score)
@@ -406,8 +418,7 @@ def train_dms(args):
     tok = Tokenizer.from_dir(base_dir)
     count = lambda s: len(tok.encode(s, bos=False))
     torch.manual_seed(args.seed)
-    command = "python train.py dms" + "".join(f" --{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
-                                              if k not in ("stage", "resume", "threads"))
+    command = training_command(args)
     config = DMSConfig(args.window, args.alpha_scale, args.alpha_offset, -1, args.target_cr,
                        {"base_model": str(base_dir), "command": command})
     borrow_query_channel(student, config)
@@ -470,6 +481,78 @@ def train_dms(args):
     config.extra["gate"] = gate
     config.save(out, student.args)
     (out / "training_log.json").write_text(json.dumps(state["log"], indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------- TRIM-KV retention gates
+
+TRIMKV_EVAL_BUDGETS = (0.05, 0.1, 0.25)
+
+
+def trimkv_losses(model, gates, batch, memory_size: int):
+    """(KL(full || gated), next-token loss, capacity loss) for one batch; the base model is frozen, only the gates
+    get gradients. The continuation attends to the context keys with log alpha at the compression time added."""
+    ctx_ids, ctx_pos, cont_ids, cont_pos, cont_mask = batch
+    cache = GatedContextKV()
+    with torch.no_grad():
+        model.hidden_states(ctx_ids, ctx_pos, cache)
+        teacher = model(cont_ids, cont_pos, cache)
+    log_beta = gates.all_log_beta(cache.inputs)  # (L, B, KV, C)
+    cache.key_bias = compression_log_alpha(log_beta, ctx_pos)
+    student = model(cont_ids, cont_pos, cache)
+    target = torch.cat((cont_ids[:, 1:], cont_ids[:, -1:]), dim=1).masked_fill(~cont_mask, -100)
+    ntp = F.cross_entropy(student.flatten(0, 1), target.flatten())
+    return kl_full_evicted(teacher, student, cont_mask), ntp, capacity_loss(log_beta, ctx_pos, memory_size)
+
+
+def trimkv_scores(gates):
+    """Scores for evaluate_eviction: log alpha at the compression time, (B, L, KV, C)."""
+    return lambda cache, hidden, ids, pos: compression_log_alpha(gates.all_log_beta(cache.inputs), pos).transpose(0, 1)
+
+
+def train_trimkv(args):
+    model_dir, run = Path(args.model), Path(args.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    model = Transformer.from_pretrained(model_dir).requires_grad_(False)
+    tok = Tokenizer.from_dir(model_dir)
+    count = lambda s: len(tok.encode(s, bos=False))
+    torch.manual_seed(args.seed)
+    command = training_command(args)
+    # the gates start at beta = 1 - 1 / (2 M): a head's retention sums to about twice the memory
+    gates = RetentionGates(model.args, args.gate_hidden, bias_init=math.log(2 * args.memory_size - 1), seed=args.seed,
+                           meta={"base_model": str(model_dir), "memory_size": args.memory_size,
+                                 "buffer_size": args.buffer_size, "command": command})
+    opt = torch.optim.AdamW(gates.parameters(), lr=args.lr, weight_decay=0.0)
+    state = {"step": 0, "rng": random.Random(args.seed).getstate(), "log": []}
+    ckpt = run / "trimkv.pt"
+    state, rng = start_or_resume(ckpt, gates, opt, state, args.resume)
+    anchors = (args.n_sink, args.n_recent)
+    bar = tqdm(total=args.steps, initial=state["step"], desc="trimkv")
+    last_save = time.time()
+    while state["step"] < args.steps:
+        length = rng.randint(args.min_len, args.max_len)
+        samples = [training.sample(rng, length, count, TIS_FAMILIES) for _ in range(max(1, TIS_TOKENS_PER_STEP // length))]
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(state["step"], args.steps, args.lr, warmup=20)
+        kl, ntp, cap = trimkv_losses(model, gates, context_batch(tok, samples), args.memory_size)
+        loss = kl + ntp + args.lambda_capacity * cap
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(gates.parameters(), 1.0)
+        opt.step()
+        state["step"] += 1
+        bar.update(1)
+        bar.set_postfix(kl=f"{kl.item():.4f}", ntp=f"{ntp.item():.3f}", cap=f"{cap.item():.3f}")
+        if state["step"] % args.eval_every == 0 or state["step"] == args.steps:
+            accs = {b: evaluate_eviction(model, tok, b, anchors, trimkv_scores(gates)) for b in TRIMKV_EVAL_BUDGETS}
+            state["log"].append({"step": state["step"], "kl": kl.item(), "ntp": ntp.item(), "capacity": cap.item(), "acc": accs})
+            tqdm.write(f"[trimkv {state['step']}] kl {kl.item():.4f} capacity {cap.item():.3f} held-out acc by budget {accs}")
+        if time.time() - last_save > args.save_every_s or state["step"] == args.steps:
+            save_checkpoint(ckpt, gates, opt, state, rng)
+            last_save = time.time()
+    bar.close()
+    out = Path(args.out or model_dir / GATES_FILE)
+    gates.meta["log"] = state["log"]
+    gates.save(out)
     print(f"saved {out}")
 
 
@@ -513,6 +596,20 @@ def main():
     dms.add_argument("--min-len", type=int, default=256)
     dms.add_argument("--max-len", type=int, default=512)
     dms.add_argument("--eval-every", type=int, default=70, help="steps between held-out gate evaluations")
+    p = sub.add_parser("trimkv", help="TRIM-KV: retention gates on the frozen model, distillation + capacity loss")
+    p.add_argument("--model", default="models/tiny", help="frozen base model directory")
+    p.add_argument("--out", default=None, help=f"gates file to write (default: MODEL/{GATES_FILE})")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--min-len", type=int, default=256)
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--memory-size", type=int, default=128, help="M: the tokens' worth of retention a head may hold")
+    p.add_argument("--buffer-size", type=int, default=32, help="recorded for decoding: evict when a head holds M + this")
+    p.add_argument("--lambda-capacity", type=float, default=1.0, help="weight of the capacity loss")
+    p.add_argument("--gate-hidden", type=int, default=64, help="hidden units of each layer's gate MLP")
+    p.add_argument("--n-sink", type=int, default=4, help="first tokens always kept (held-out evaluation)")
+    p.add_argument("--n-recent", type=int, default=16, help="last context tokens always kept (held-out evaluation)")
+    p.add_argument("--eval-every", type=int, default=50, help="steps between held-out evaluations")
     for p in sub.choices.values():
         p.add_argument("--run-dir", default="runs", help="where checkpoints for --resume live")
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --run-dir")
@@ -521,9 +618,9 @@ def main():
         p.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(sys.argv[1:] or ["ert"])
     if args.stage is None:
-        parser.error("name a stage first: base, oracle, ert or dms")
+        parser.error("name a stage first: base, oracle, ert, dms or trimkv")
     torch.set_num_threads(args.threads)
-    {"base": train_base, "oracle": train_tis, "ert": train_tis, "dms": train_dms}[args.stage](args)
+    {"base": train_base, "oracle": train_tis, "ert": train_tis, "dms": train_dms, "trimkv": train_trimkv}[args.stage](args)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ class MaskedDenseCache(DenseKVCache):
     """The dense cache, attending with plain softmax math and a key mask allowed (B, KV, Tk) per layer (set before
     each forward): past keys only where allowed, the forward's own keys always."""
 
-    def attend(self, layer, q, k, v):
+    def attend(self, layer, q, k, v, x=None):
         self.k[layer, :, :, self.start : self.length] = k
         self.v[layer, :, :, self.start : self.length] = v
         keys, values = self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length]
@@ -121,10 +121,10 @@ def record_forwards(model):
     def wrap_attend(cache):
         attend = cache.attend
 
-        def recording(layer, q, k, v):
+        def recording(layer, q, k, v, x=None):
             for b, t in (cache.q_pos >= 0).nonzero().tolist():
                 writes[layer, b, int(cache.q_pos[b, t])] = (k[b, :, t].clone(), v[b, :, t].clone())
-            return attend(layer, q, k, v)
+            return attend(layer, q, k, v, x)
 
         cache.attend = recording
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
 from tinytis.engine import SamplingParams, generate  # noqa: E402
 from tinytis.model import Transformer  # noqa: E402
@@ -45,6 +45,11 @@ def llama_tied():
     model = randomize(LlamaForCausalLM(LlamaConfig(**SHAPE, tie_word_embeddings=True)), seed=2)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     return model
+
+
+def qwen3():
+    """Qwen3: q/k RMSNorm over head_dim before RoPE; its config names a window that use_sliding_window leaves off."""
+    return randomize(Qwen3ForCausalLM(Qwen3Config(**SHAPE, tie_word_embeddings=True, sliding_window=16)), seed=4)
 
 
 CONSOLIDATED_NAMES = [
@@ -147,6 +152,21 @@ def test_mistral_sharded_hf_layout(mistral_model, tmp_path):
 def test_llama_tied_embeddings(tmp_path):
     model = llama_tied()
     model.save_pretrained(tmp_path)
+    assert_parity(model, tmp_path)
+
+
+def test_qwen3_qk_norm(tmp_path):
+    model = qwen3()
+    ids = torch.tensor([prompt(seed=3)])
+    with torch.no_grad():  # the q/k norm weights must change the logits, or this test would prove nothing
+        plain = model(ids).logits
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.mul_(2)
+        assert (model(ids).logits - plain).abs().max() > 1
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.div_(2)
+    model.save_pretrained(tmp_path)
+    assert Transformer.from_pretrained(tmp_path).args.sliding_window is None
     assert_parity(model, tmp_path)
 
 

@@ -1,10 +1,12 @@
 """KV caches. A cache stores each forward chunk's keys and values and runs attention over what it holds.
 
 Interface used by the model:
-  begin_forward(positions)        positions (B, T) of the chunk about to run, -1 for padding
-  attend(layer, q, k, v) -> out   store k, v: (B, KV, T, D) for this layer, attend q: (B, H, T, D) to the cache
+  begin_forward(positions)           positions (B, T) of the chunk about to run, -1 for padding
+  attend(layer, q, k, v, x) -> out   store k, v: (B, KV, T, D) for this layer, attend q: (B, H, T, D) to the cache;
+                                     x: (B, T, dim) the layer's normed input, for a cache that records a value per slot
 """
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -35,7 +37,7 @@ class DenseKVCache:
     def decide(self, layer, logits):
         """DMS eviction logits (tinytis.dms): a dense cache keeps every token."""
 
-    def attend(self, layer, q, k, v):
+    def attend(self, layer, q, k, v, x=None):
         self.k[layer, :, :, self.start : self.length] = k
         self.v[layer, :, :, self.start : self.length] = v
         return attend(q, self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length], self.mask)
@@ -107,6 +109,7 @@ class Observe:
     mass: bool = False  # add the attention each query puts on a slot to that slot's mass, mean over the GQA group
     window: torch.Tensor | None = None  # (B,): per query head, the attention of each row's last window[b] queries
     dms_window: int | None = None  # record DMS decisions; a key decided "evict" is masked beyond this distance
+    slot_value: Callable | None = None  # (layer, x (B, T, dim)) -> (B, KV, T): stored with each slot as it is written
 
 
 class PagedKVCache:
@@ -119,6 +122,7 @@ class PagedKVCache:
       mass    (L, B, KV, P * ps)       attention each slot has received (Observe.mass)
       window  (L, B, KV, P * ps, G)    attention from the latest forward's window queries, per query head (Observe.window)
       evict   (L, B, KV, P * ps)       DMS decided to evict the slot once it leaves the window (Observe.dms_window)
+      slot_value (L, B, KV, P * ps)    computed from the layer's input when the slot was written (Observe.slot_value)
     Keys are stored after RoPE at their true positions and never renumbered. Padding (position -1) is never stored.
     """
 
@@ -133,6 +137,7 @@ class PagedKVCache:
         self.mass = torch.zeros(L, B, KV, 0, dtype=acc, device=device)
         self.window = torch.zeros(L, B, KV, 0, G, dtype=acc, device=device)
         self.evict = torch.zeros(L, B, KV, 0, dtype=torch.bool, device=device)
+        self.slot_value = torch.zeros(L, B, KV, 0, dtype=acc, device=device)
         self.observe = Observe()
 
     @property
@@ -183,8 +188,9 @@ class PagedKVCache:
         """DMS decisions of keys at key_slot (B, KV, Tk), -1 for none: (B, KV, Tk) bool."""
         return self.evict[layer].gather(-1, key_slot.clamp(min=0)) & (key_slot >= 0)
 
-    def attend(self, layer: int, q, k, v):
+    def attend(self, layer: int, q, k, v, x=None):
         """Write the chunk's k, v: (B, KV, T, D) into this layer's pages, then attend q: (B, H, T, D) to what it holds.
+        x: (B, T, dim), the layer's normed input, from which Observe.slot_value computes each new slot's value.
 
         Held slots are gathered right-aligned, so without eviction the keys line up exactly as in DenseKVCache
         (left padding first) and the result is bit-identical to it.
@@ -196,6 +202,9 @@ class PagedKVCache:
         rows = self._rows(self.table[layer], write.clamp(min=0))[new]
         self.pool.rows("k").index_copy_(0, rows, k[new])
         self.pool.rows("v").index_copy_(0, rows, v[new])
+        if self.observe.slot_value is not None:
+            b, h, _ = new.nonzero(as_tuple=True)
+            self.slot_value[layer][b, h, write[new]] = self.observe.slot_value(layer, x)[new].to(self.slot_value.dtype)
         dms = self.observe.dms_window is not None
         if T == 1 and kernels.use_triton(q) and self.observe.window is None and self.args.sliding_window is None and not dms:
             return self._decode_kernel(layer, q)
@@ -281,6 +290,7 @@ class PagedKVCache:
         self.table, self.pos = cat(self.table, extra, -1), cat(self.pos, slots, -1)
         self.mass, self.window = cat(self.mass, slots, 0), cat(self.window, slots, 0)
         self.evict = cat(self.evict, slots, False)
+        self.slot_value = cat(self.slot_value, slots, 0)
 
     def _observe(self, layer, q, keys, visible, key_slot):
         """Record what self.observe asks for from this layer's attention probabilities, a block of queries at a time."""
@@ -333,7 +343,7 @@ class PagedKVCache:
         for which in ("k", "v"):
             rows = self.pool.rows(which)
             rows[dst[moved]] = rows[src[moved]]
-        for name, fill in (("pos", -1), ("mass", 0), ("window", 0), ("evict", False)):
+        for name, fill in (("pos", -1), ("mass", 0), ("window", 0), ("evict", False), ("slot_value", 0)):
             x = getattr(self, name)
             y = torch.full_like(x, fill)
             y[l, b, h, new] = x[l, b, h, old]
@@ -353,6 +363,7 @@ class PagedKVCache:
         self.pos, self.mass = self.pos[..., :slots].contiguous(), self.mass[..., :slots].contiguous()
         self.window = self.window[..., :slots, :].contiguous()
         self.evict = self.evict[..., :slots].contiguous()
+        self.slot_value = self.slot_value[..., :slots].contiguous()
 
     def truncate(self, limit: torch.Tensor):
         """Drop every slot whose position is >= limit[b] (B,), e.g. the reference answer after an oracle pass."""
@@ -367,6 +378,7 @@ class PagedKVCache:
         self.mass[:, rows] = 0
         self.window[:, rows] = 0
         self.evict[:, rows] = False
+        self.slot_value[:, rows] = 0
         self._free_pages_past(n_pages)
 
     def fork(self) -> "PagedKVCache":
@@ -377,9 +389,10 @@ class PagedKVCache:
         self.pool.k[ids], self.pool.v[ids] = self.pool.k[self.table[held]], self.pool.v[self.table[held]]
         other.table = self.table.clone()
         other.table[held] = ids
-        other.length, other.pos, other.mass, other.window, other.evict = (
-            x.clone() for x in (self.length, self.pos, self.mass, self.window, self.evict))
-        other.observe = Observe(dms_window=self.observe.dms_window)  # DMS keeps deciding; other statistics start afresh
+        other.length, other.pos, other.mass, other.window, other.evict, other.slot_value = (
+            x.clone() for x in (self.length, self.pos, self.mass, self.window, self.evict, self.slot_value))
+        # DMS decisions and slot values go on being recorded; the other statistics start afresh
+        other.observe = Observe(dms_window=self.observe.dms_window, slot_value=self.observe.slot_value)
         return other
 
     def keys(self, b: int, n_slots: int) -> torch.Tensor:

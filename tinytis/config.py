@@ -1,4 +1,5 @@
-"""ModelArgs: the shape of a Mistral-architecture model, read from HF config.json or params.json."""
+"""ModelArgs: the shape of a Mistral-architecture model (or a Qwen3 one: the same plus q/k RMSNorm), read from HF
+config.json or params.json."""
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ class ModelArgs:
     sliding_window: int | None = None
     tie_embeddings: bool = False
     rope_scaling: dict | None = None  # llama3: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each query and key head before RoPE
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -31,8 +33,10 @@ class ModelArgs:
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
         model_type = cfg.get("model_type")
-        if model_type not in ("mistral", "llama"):
-            raise UserError(f"unknown model_type {model_type!r} in config.json; tinytis runs 'mistral' and 'llama' models")
+        if model_type not in ("mistral", "llama", "qwen3"):
+            raise UserError(f"unknown model_type {model_type!r} in config.json; tinytis runs 'mistral', 'llama' and 'qwen3' models")
+        if cfg.get("attention_bias"):
+            raise UserError("config.json asks for biases on the attention projections; tinytis implements them without")
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
@@ -49,9 +53,10 @@ class ModelArgs:
             norm_eps=cfg.get("rms_norm_eps", 1e-5),
             rope_theta=cfg.get("rope_theta") or rope.get("rope_theta", 1e4),
             max_seq_len=cfg.get("max_position_embeddings", 32768),
-            sliding_window=cfg.get("sliding_window"),
+            sliding_window=sliding_window(cfg),
             tie_embeddings=cfg.get("tie_word_embeddings", False),
             rope_scaling={k: rope[k] for k in LLAMA3_ROPE_KEYS} if rope_type == "llama3" else None,
+            qk_norm=model_type == "qwen3",
         )
 
     @classmethod
@@ -85,10 +90,10 @@ class ModelArgs:
         raise UserError(f"{path} has no config.json or params.json; point --model at a model directory")
 
     def to_hf_config(self) -> dict:
-        """The config.json that transformers' MistralForCausalLM reads for this shape."""
+        """The config.json that transformers' MistralForCausalLM (Qwen3ForCausalLM with qk_norm) reads for this shape."""
         return {
-            "architectures": ["MistralForCausalLM"],
-            "model_type": "mistral",
+            "architectures": ["Qwen3ForCausalLM" if self.qk_norm else "MistralForCausalLM"],
+            "model_type": "qwen3" if self.qk_norm else "mistral",
             "hidden_size": self.dim,
             "num_hidden_layers": self.n_layers,
             "num_attention_heads": self.n_heads,
@@ -109,6 +114,15 @@ class ModelArgs:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def sliding_window(cfg: dict) -> int | None:
+    """The attention window of an HF config; Qwen3 configs name a window that only applies with use_sliding_window."""
+    if cfg.get("model_type") != "qwen3":
+        return cfg.get("sliding_window")
+    if cfg.get("use_sliding_window"):
+        raise UserError("config.json enables Qwen3's per-layer sliding window; tinytis runs Qwen3 with full attention only")
+    return None
 
 
 MISTRAL_7B_V03 = ModelArgs()

@@ -114,7 +114,7 @@ class SequenceAttention:
     def decide(self, layer, logits):
         self.next_logits = F.pad(logits[..., 1:], (0, 1), value=-math.inf)  # (B, KV, T): the decision about each key
 
-    def attend(self, layer, q, k, v):
+    def attend(self, layer, q, k, v, x=None):
         B, H, T, _ = q.shape
         logits = self.next_logits
         if self.tau is None:

@@ -62,7 +62,7 @@ class ContextKV:
             self.mass = []
             self.k_pos = torch.cat((self.ctx_pos, positions), dim=1)
 
-    def attend(self, layer, q, k, v):
+    def attend(self, layer, q, k, v, x=None):
         if self.filling:
             self.k.append(k)
             self.v.append(v)

@@ -86,7 +86,8 @@ class CacheManager:
             self.decode_budget = self._budgets(self.config.decode_budget, context_lengths)
         window = reference_lengths if needs.reference else [needs.window] * len(context_lengths) if needs.window else None
         cache.observe = Observe(mass=needs.mass, window=None if window is None else torch.tensor(window),
-                                dms_window=needs.dms_window)
+                                dms_window=needs.dms_window,
+                                slot_value=needs.slot_value)
         device = cache.length.device
         dim = self.args.dim
         self.tokens = [
@@ -140,7 +141,7 @@ class CacheManager:
         """The whole context is in: drop the reference answer if there is one, and evict to the budget."""
         if self.policy.needs.reference:
             cache.truncate(torch.tensor(self.lengths))
-            cache.observe = Observe()  # keep the answer's attention as the scores from now on
+            cache.observe = Observe(slot_value=self.policy.needs.slot_value)  # keep the answer's attention as the scores
             self.last_pos = torch.tensor(self.lengths) - 1
             self._prune(cache)
         self.evict(cache, self.budget)
@@ -212,6 +213,7 @@ class CacheManager:
             window=cache.window[:, b, :, :n] if needs.window or needs.reference else None,
             keys=cache.keys(b, n) if needs.keys else None,
             evict=cache.evict[:, b, :, :n] if needs.dms_window is not None else None,
+            slot_value=cache.slot_value[:, b, :, :n] if needs.slot_value else None,
         )
 
     def _prune(self, cache):

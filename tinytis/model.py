@@ -1,4 +1,4 @@
-"""The Mistral architecture in plain PyTorch: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+"""The Mistral architecture in plain PyTorch: RMSNorm, RoPE, grouped-query attention, SwiGLU (and Qwen3's q/k RMSNorm).
 
 The model does not own a KV cache. A forward pass is given one (or none, for training and
 scoring full sequences): the cache stores the new keys and values and runs attention over
@@ -95,6 +95,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * d, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * d, bias=False)
         self.wo = nn.Linear(args.n_heads * d, args.dim, bias=False)
+        if args.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(d, args.norm_eps), RMSNorm(d, args.norm_eps)
         self.dms = None  # a DMSConfig: a query channel carries the eviction logits (tinytis.dms)
 
     def forward(self, x, cos, sin, cache=None, mask=None, key_bias=None):
@@ -104,6 +106,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.args.n_heads, d).transpose(1, 2)
         k = self.wk(x).view(B, T, self.args.n_kv_heads, d).transpose(1, 2)
         v = self.wv(x).view(B, T, self.args.n_kv_heads, d).transpose(1, 2)
+        if self.args.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.dms is not None:
             q, evict_logits = self.dms.borrow(q, self.args.n_kv_heads)  # (B, KV, T)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -114,7 +118,7 @@ class Attention(nn.Module):
         if cache is None:
             out = attend(q, k, v, mask, None if key_bias is None else key_bias[self.layer_id])
         else:
-            out = cache.attend(self.layer_id, q, k, v)
+            out = cache.attend(self.layer_id, q, k, v, x)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -9,6 +9,7 @@ from tinytis.policies.dms import DMSPolicy
 from tinytis.policies.knorm import KNorm
 from tinytis.policies.oracle import Oracle
 from tinytis.policies.tis import TISPolicy
+from tinytis.policies.trimkv import TrimKVPolicy
 
 POLICIES = {
     "full": Full,
@@ -21,11 +22,12 @@ POLICIES = {
     "oracle": Oracle,
     "tis": TISPolicy,
     "dms": DMSPolicy,
+    "trimkv": TrimKVPolicy,
 }
 
 
 def make_policy(name: str, model_dir=None, args=None) -> Policy:
-    """A policy by name; one with trained components (tis, dms) loads them from model_dir for a model of shape args.
+    """A policy by name; one with trained components (tis, dms, trimkv) loads them from model_dir for a model of shape args.
     'tis=FILE' loads the components from FILE instead (an ablation's, say)."""
     base, _, components = name.partition("=")
     if base not in POLICIES:
@@ -37,4 +39,4 @@ def make_policy(name: str, model_dir=None, args=None) -> Policy:
     return POLICIES[base].for_model(model_dir, args)
 
 
-__all__ = ["POLICIES", "make_policy", "Needs", "Policy", "ScoreContext", "TISPolicy"]
+__all__ = ["POLICIES", "make_policy", "Needs", "Policy", "ScoreContext", "TISPolicy", "TrimKVPolicy"]

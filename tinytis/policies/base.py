@@ -4,6 +4,7 @@ A policy scores the cached slots of one sequence, higher = keep. The CacheManage
 how many slots each (layer, KV head) keeps, enforces the anchors and frees pages.
 """
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -18,6 +19,9 @@ class Needs:
     hidden: bool = False  # final-layer hidden states of the cached tokens
     reference: bool = False  # a reference answer, prefilled after the context; window = the answer's queries
     dms_window: int | None = None  # DMS decisions of the model (tinytis.dms), applied beyond this distance
+    # a number stored with each slot when its token is written: slot_value(layer, x) -> (B, KV, T), x: (B, T, dim)
+    # the layer's normed attention input (TRIM-KV: log beta, the token's retention)
+    slot_value: Callable | None = None
 
 
 @dataclass
@@ -35,6 +39,7 @@ class ScoreContext:
     window: torch.Tensor | None = None  # (L, KV, S, G) attention from the window queries, summed over them (Needs.window)
     keys: torch.Tensor | None = None  # (L, KV, S, D) cached keys, after RoPE (Needs.keys)
     evict: torch.Tensor | None = None  # (L, KV, S) bool: DMS decided to evict the slot out of its window (Needs.dms_window)
+    slot_value: torch.Tensor | None = None  # (L, KV, S) what Needs.slot_value gave each slot's token
 
     @property
     def valid(self) -> torch.Tensor:
