@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from tinytis.config import ModelArgs
 from tinytis.engine import SamplingParams, generate
-from tinytis.errors import ArgumentParser, UserError, run_cli
+from tinytis.errors import ArgumentParser, UserError, comma_list, run_cli
 from tinytis.model import Transformer
 from tinytis.weights import save_hf
 
@@ -511,13 +511,13 @@ def main():
     s.add_argument("--threads", type=int, default=torch.get_num_threads())
     s.set_defaults(run=overhead)
     s = sub.add_parser("peers", help="kvpress's presses vs tinytis's policies on the embedded model (kvpress environment)")
-    s.add_argument("--tasks", type=csv_list(str), default=list(PEER_TASKS), help="comma-separated: niah, narrative")
-    s.add_argument("--presses", type=csv_list(str), default=list(PRESSES))
-    s.add_argument("--policies", type=csv_list(str), default=["tis", "oracle", "h2o", "snapkv", "tova", "streaming", "knorm",
+    s.add_argument("--tasks", type=comma_list(str), default=list(PEER_TASKS), help="comma-separated: niah, narrative")
+    s.add_argument("--presses", type=comma_list(str), default=list(PRESSES))
+    s.add_argument("--policies", type=comma_list(str), default=["tis", "oracle", "h2o", "snapkv", "tova", "streaming", "knorm",
                                                              "random"], help="tinytis policies (the full cache always runs)")
-    s.add_argument("--budgets", type=csv_list(float), default=[0.05, 0.1, 0.25, 0.5])
-    s.add_argument("--lengths", type=csv_list(int), default=[1024])
-    s.add_argument("--depths", type=csv_list(float), default=[0.0, 0.5, 1.0])
+    s.add_argument("--budgets", type=comma_list(float), default=[0.05, 0.1, 0.25, 0.5])
+    s.add_argument("--lengths", type=comma_list(int), default=[1024])
+    s.add_argument("--depths", type=comma_list(float), default=[0.0, 0.5, 1.0])
     s.add_argument("--n-samples", type=int, default=4, help="held-out samples per (task variant, length, depth)")
     s.add_argument("--model", default="models/tiny")
     s.add_argument("--seed", type=int, default=0)
@@ -527,15 +527,6 @@ def main():
     s.set_defaults(run=peers)
     a = p.parse_args()
     a.run(a)
-
-
-def csv_list(kind):
-    def parse(text: str):
-        try:
-            return [kind(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise UserError(f"{text!r} is not a comma-separated list of {kind.__name__} values")
-    return parse
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from tinytis import shard
-from tinytis.errors import ArgumentParser, UserError, run_cli
+from tinytis.errors import ArgumentParser, UserError, comma_list, run_cli
 from tinytis.evaluate import TASKS, Evaluator, format_summary, plot, read_csv, write_csv, write_timing
 from tinytis.manager import check_budget
 from tinytis.model import Transformer
@@ -23,15 +23,6 @@ from tinytis.weights import resolve_model_dir
 
 DEFAULT_MODEL = "models/tiny"
 DEFAULT_DMS_MODEL = "models/tiny-dms"
-
-
-def number_list(kind):
-    def parse(text: str):
-        try:
-            return [kind(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise UserError(f"{text!r} is not a comma-separated list of {kind.__name__} values")
-    return parse
 
 
 def budget_value(text: str):
@@ -90,8 +81,8 @@ def main():
     if unknown:
         raise UserError(f"unknown policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
     budgets = [budget_value(b) for b in args.budgets.split(",") if b.strip()]
-    lengths, depths = number_list(int)(args.lengths), number_list(float)(args.depths)
-    litm_docs = number_list(int)(args.litm_docs)
+    lengths, depths = comma_list(int)(args.lengths), comma_list(float)(args.depths)
+    litm_docs = comma_list(int)(args.litm_docs)
     if args.n_samples <= 0 or args.batch_size <= 0:
         raise UserError("--n-samples and --batch-size must be positive")
     if any(not 0 <= d <= 1 for d in depths):

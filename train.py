@@ -129,6 +129,13 @@ def training_command(args) -> str:
     return " ".join(["python train.py", args.stage] + [f if v is True else f"{f} {v}" for f, v in flags if v is not False])
 
 
+def save_components(components, state: dict, out: Path):
+    """Write trained eviction components (TIS, TRIM-KV gates) with their training log in their metadata."""
+    components.meta["log"] = state["log"]
+    components.save(out)
+    print(f"saved {out}")
+
+
 def cosine_lr(step: int, total: int, lr: float, warmup: int, final_ratio: float = 0.1) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -336,10 +343,7 @@ def train_tis(args):
             save_checkpoint(ckpt, tis, opt, state, rng)
             last_save = time.time()
     bar.close()
-    out = Path(args.out or model_dir / COMPONENTS_FILE)
-    tis.meta["log"] = state["log"]
-    tis.save(out)
-    print(f"saved {out}")
+    save_components(tis, state, Path(args.out or model_dir / COMPONENTS_FILE))
 
 
 # ---------------------------------------------------------------------------- DMS retrofit
@@ -550,10 +554,22 @@ def train_trimkv(args):
             save_checkpoint(ckpt, gates, opt, state, rng)
             last_save = time.time()
     bar.close()
-    out = Path(args.out or model_dir / GATES_FILE)
-    gates.meta["log"] = state["log"]
-    gates.save(out)
-    print(f"saved {out}")
+    save_components(gates, state, Path(args.out or model_dir / GATES_FILE))
+
+
+def frozen_model_stage(sub, name: str, help: str, out_file: str, what: str, steps: int, max_len: int, eval_every: int):
+    """A stage that trains eviction components on the frozen base model (oracle, ert, trimkv): its common flags."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--model", default="models/tiny", help="frozen base model directory")
+    p.add_argument("--out", default=None, help=f"{what} file to write (default: MODEL/{out_file})")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--min-len", type=int, default=256)
+    p.add_argument("--max-len", type=int, default=max_len)
+    p.add_argument("--n-sink", type=int, default=4, help="first tokens always kept")
+    p.add_argument("--n-recent", type=int, default=16, help="last context tokens always kept")
+    p.add_argument("--eval-every", type=int, default=eval_every, help="steps between held-out evaluations")
+    return p
 
 
 def main():
@@ -564,16 +580,7 @@ def main():
     base.add_argument("--eval-every", type=int, default=400, help="steps between held-out evaluations")
     for name, help in (("oracle", "TIS stage 1: supervise the importance head with oracle labels"),
                        ("ert", "TIS stage 3: oracle warm start, then KL(full || evicted) + alignment")):
-        p = sub.add_parser(name, help=help)
-        p.add_argument("--model", default="models/tiny", help="frozen base model directory")
-        p.add_argument("--out", default=None, help=f"components file to write (default: MODEL/{COMPONENTS_FILE})")
-        p.add_argument("--steps", type=int, default=400)
-        p.add_argument("--lr", type=float, default=3e-3)
-        p.add_argument("--min-len", type=int, default=256)
-        p.add_argument("--max-len", type=int, default=2048)
-        p.add_argument("--n-sink", type=int, default=4, help="first tokens always kept")
-        p.add_argument("--n-recent", type=int, default=16, help="last context tokens always kept")
-        p.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations")
+        p = frozen_model_stage(sub, name, help, COMPONENTS_FILE, "components", steps=400, max_len=2048, eval_every=100)
         p.add_argument("--shared-score", action="store_true",
                        help="one score per token shared by every layer and KV head (default: one per layer and KV head)")
         if name == "ert":
@@ -596,20 +603,12 @@ def main():
     dms.add_argument("--min-len", type=int, default=256)
     dms.add_argument("--max-len", type=int, default=512)
     dms.add_argument("--eval-every", type=int, default=70, help="steps between held-out gate evaluations")
-    p = sub.add_parser("trimkv", help="TRIM-KV: retention gates on the frozen model, distillation + capacity loss")
-    p.add_argument("--model", default="models/tiny", help="frozen base model directory")
-    p.add_argument("--out", default=None, help=f"gates file to write (default: MODEL/{GATES_FILE})")
-    p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--min-len", type=int, default=256)
-    p.add_argument("--max-len", type=int, default=1024)
+    p = frozen_model_stage(sub, "trimkv", "TRIM-KV: retention gates on the frozen model, distillation + capacity loss",
+                           GATES_FILE, "gates", steps=120, max_len=1024, eval_every=50)
     p.add_argument("--memory-size", type=int, default=128, help="M: the tokens' worth of retention a head may hold")
     p.add_argument("--buffer-size", type=int, default=32, help="recorded for decoding: evict when a head holds M + this")
     p.add_argument("--lambda-capacity", type=float, default=1.0, help="weight of the capacity loss")
     p.add_argument("--gate-hidden", type=int, default=64, help="hidden units of each layer's gate MLP")
-    p.add_argument("--n-sink", type=int, default=4, help="first tokens always kept (held-out evaluation)")
-    p.add_argument("--n-recent", type=int, default=16, help="last context tokens always kept (held-out evaluation)")
-    p.add_argument("--eval-every", type=int, default=50, help="steps between held-out evaluations")
     for p in sub.choices.values():
         p.add_argument("--run-dir", default="runs", help="where checkpoints for --resume live")
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --run-dir")

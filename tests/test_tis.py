@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import train
+from tests.interrupt import interrupt_then_resume
 from tinytis.config import ModelArgs
 from tinytis.ert import ContextKV, anchor_mask, soft_keep_log_mask
 from tinytis.errors import UserError
@@ -167,21 +168,9 @@ def test_resume_gives_the_same_components_as_an_uninterrupted_run(model_dir, tmp
     monkeypatch.setattr(train, "evaluate_tis", lambda *a, **k: 0.0)
     monkeypatch.setattr(train, "TIS_TOKENS_PER_STEP", 256)
     train.train_tis(_ert_args(model_dir, tmp_path / "a", tmp_path / "a.pt"))
-
-    calls = {"n": 0}
-    real = train.tis_losses
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "tis_losses", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train.train_tis(_ert_args(model_dir, tmp_path / "b", tmp_path / "b.pt"))
-    monkeypatch.setattr(train, "tis_losses", real)
-    train.train_tis(_ert_args(model_dir, tmp_path / "b", tmp_path / "b.pt", resume=True))
+    interrupt_then_resume(monkeypatch, train, "tis_losses", 4, train.train_tis,
+                          _ert_args(model_dir, tmp_path / "b", tmp_path / "b.pt"),
+                          _ert_args(model_dir, tmp_path / "b", tmp_path / "b.pt", resume=True))
     a, b = TIS.load(tmp_path / "a.pt", SMALL), TIS.load(tmp_path / "b.pt", SMALL)
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k

@@ -22,3 +22,13 @@ def run_cli(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def comma_list(kind):
+    """An argparse type: 'a,b,c' -> [kind(a), kind(b), kind(c)]; a value kind rejects is a UserError."""
+    def parse(text: str):
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"{text!r} is not a comma-separated list of {kind.__name__} values")
+    return parse
