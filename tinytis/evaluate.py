@@ -350,19 +350,26 @@ def plot(rows: list[Row], out_dir: Path):
             fig.suptitle(f"NIAH {variant} ({setting}): exact match by depth x length", fontsize=9, y=1.06)
             fig.savefig(out_dir / f"niah_{variant}_{setting}.png", dpi=110, bbox_inches="tight")
             plt.close(fig)
-    summary = summarize(rows)
+    summary, kept = summarize(rows), kv_kept(rows)
     for task, variant, metric in sorted({k[:3] for k in summary}):
         fig, ax = plt.subplots(figsize=(5, 3.2))
         series = {k[3:]: v[0] for k, v in summary.items() if k[:3] == (task, variant, metric)}
         full = [v for (policy, _, _), v in series.items() if policy == "full"]
+        others = sorted({p for p, _, _ in series if p not in ("full", "tis")})
+        palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 3] + list(plt.get_cmap("Dark2").colors)
+        colors = {"tis": "tab:red", **{p: palette[i % len(palette)] for i, p in enumerate(others)}}  # tis in red
         for policy, setting in sorted({(p, s) for p, _, s in series if p != "full"}):
-            pts = sorted((b, v) for (p, b, s), v in series.items() if (p, s) == (policy, setting)) + [(1.0, full[0])] * bool(full)
-            ax.plot(*zip(*pts), marker="o", label=f"{policy} ({setting})", linestyle="-" if setting == "agnostic" else "--")
+            # x: the KV bytes the policy actually held, so policies that set their own budget (dms) line up
+            pts = sorted((kept[(task, variant, s, p, b)], v) for (p, b, s), v in series.items() if (p, s) == (policy, setting))
+            pts += [(1.0, full[0])] * bool(full)
+            ax.plot(*zip(*pts), marker="o", markersize=3, label=f"{policy} ({setting})",
+                    color=colors[policy], linewidth=2.2 if policy == "tis" else 1,
+                    linestyle="-" if setting == "agnostic" else "--")
         if full:
             ax.axhline(full[0], color="black", linewidth=0.8, label="full cache")
-        ax.set_xlabel("budget (fraction of the context kept per KV head)")
+        ax.set_xlabel("KV bytes held / full cache (budgets 0.05 ... 1)")
         ax.set_ylabel(metric)
-        ax.set_title(f"{task} {variant}: {metric} vs budget", fontsize=9)
-        ax.legend(fontsize=6, ncol=2)
+        ax.set_title(f"{task} {variant}: {metric} vs KV bytes held", fontsize=9)
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside the axes, never over a curve
         fig.savefig(out_dir / f"budget_{task}_{variant}_{metric}.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
