@@ -48,7 +48,7 @@ def main():
     parser.add_argument("--budgets", "--cache_budgets", default="0.05,0.1,0.25,0.5,0.75,1.0",
                         help="comma-separated budgets: fractions in (0, 1] or token counts > 1")
     parser.add_argument("--lengths", default="512,1024,2048", help="context lengths in tokens")
-    parser.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths (litm: gold position) in [0, 1]")
+    parser.add_argument("--depths", default="0,0.5,1", help="needle depths (litm: gold position) in [0, 1]")
     parser.add_argument("--litm-docs", default="10,20,30", help="documents per litm sample")
     parser.add_argument("--n-samples", "--n_samples", type=int, default=4, help="samples per cell")
     parser.add_argument("--setting", choices=("agnostic", "aware", "both"), default="agnostic",
