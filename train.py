@@ -136,6 +136,14 @@ def save_components(components, state: dict, out: Path):
     print(f"saved {out}")
 
 
+def optimizer_step(opt, loss):
+    """One step of opt on loss, the gradient of everything it trains clipped to norm 1."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], 1.0)
+    opt.step()
+
+
 def cosine_lr(step: int, total: int, lr: float, warmup: int, final_ratio: float = 0.1) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -212,10 +220,7 @@ def train_base(args):
             g["lr"] = cosine_lr(state["step"], stage.steps, stage.lr, warmup=50)
         logits = model(x)
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss)
         loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
         state["step"] += 1
         bar.update(1)
@@ -328,10 +333,7 @@ def train_tis(args):
         align, kl = tis_losses(model, tis, context_batch(tok, samples), budget, anchors)
         oracle_phase = state["step"] < oracle_steps
         loss = align if oracle_phase else kl + args.lambda_align * align
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tis.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss)
         state["step"] += 1
         bar.update(1)
         bar.set_postfix(phase="oracle" if oracle_phase else "ert", b=budget, align=f"{align.item():.3f}", kl=f"{kl.item():.4f}")
@@ -453,10 +455,7 @@ def train_dms(args):
             kl = kl_full_evicted(teacher_logits, student(ids, cache=attention), cont)
             frac = eviction_fraction(attention.alpha, real)
             loss = kl + args.compression_weight * F.relu(target - frac)  # one-sided: no reward beyond the target
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss)
         state["step"] += 1
         bar.update(1)
         bar.set_postfix(phase=phase, kl=f"{kl.item():.4f}", evict=f"{frac.item():.3f}", target=f"{target:.3f}")
@@ -476,10 +475,6 @@ def train_dms(args):
     gate = dms_gate(teacher, student, tok)
     print(f"held-out gate (strict mask, {gate['n']} fidelity samples): {gate}")
     save_hf(student.state_dict(), out, student.args)
-    hf_config = json.loads((out / "config.json").read_text())
-    hf_config.update(dms_window_size=config.window_size, dms_alpha_scale=config.alpha_scale,
-                     dms_alpha_offset=config.alpha_offset, dms_cr=config.target_compression_ratio)
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     for name in TOKENIZER_FILES:
         shutil.copy(base_dir / name, out / name)
     config.extra["gate"] = gate
@@ -539,10 +534,7 @@ def train_trimkv(args):
             g["lr"] = cosine_lr(state["step"], args.steps, args.lr, warmup=20)
         kl, ntp, cap = trimkv_losses(model, gates, context_batch(tok, samples), args.memory_size)
         loss = kl + ntp + args.lambda_capacity * cap
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(gates.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss)
         state["step"] += 1
         bar.update(1)
         bar.set_postfix(kl=f"{kl.item():.4f}", ntp=f"{ntp.item():.3f}", cap=f"{cap.item():.3f}")

@@ -111,6 +111,11 @@ class Observe:
     dms_window: int | None = None  # record DMS decisions; a key decided "evict" is masked beyond this distance
     slot_value: Callable | None = None  # (layer, x (B, T, dim)) -> (B, KV, T): stored with each slot as it is written
 
+    def per_slot(self) -> "Observe":
+        """What goes on being recorded for every new slot (DMS decisions, slot values) once the attention
+        statistics stop: after a fork, or after the oracle's reference answer."""
+        return Observe(dms_window=self.dms_window, slot_value=self.slot_value)
+
 
 class PagedKVCache:
     """K and V in pages of a PagePool, with a page table per (layer, sequence, KV head), so heads hold different tokens.
@@ -391,8 +396,7 @@ class PagedKVCache:
         other.table[held] = ids
         other.length, other.pos, other.mass, other.window, other.evict, other.slot_value = (
             x.clone() for x in (self.length, self.pos, self.mass, self.window, self.evict, self.slot_value))
-        # DMS decisions and slot values go on being recorded; the other statistics start afresh
-        other.observe = Observe(dms_window=self.observe.dms_window, slot_value=self.observe.slot_value)
+        other.observe = self.observe.per_slot()  # its own statistics start afresh
         return other
 
     def keys(self, b: int, n_slots: int) -> torch.Tensor:

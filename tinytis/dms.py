@@ -63,13 +63,18 @@ class DMSConfig:
         return config
 
     def save(self, model_dir: Path, args: ModelArgs):
-        """Write dms_metadata.json (atomically) in the published layout, with the model's shape."""
+        """Make model_dir (a saved model) a DMS checkpoint in the published layout: dms_metadata.json with the
+        model's shape, and the dms_* fields in config.json. Both written atomically."""
         blob = dict(self.extra, schema_version=1, decision_source=DECISION_SOURCE, num_layers=args.n_layers,
                     num_q_heads=args.n_heads, num_kv_heads=args.n_kv_heads, head_dim=args.head_dim,
                     **{k: v for k, v in asdict(self).items() if k != "extra"}, zero_borrowed_query_channel=True)
-        tmp = Path(model_dir) / (METADATA_FILE + ".tmp")
-        tmp.write_text(json.dumps(blob, indent=1) + "\n")
-        os.replace(tmp, Path(model_dir) / METADATA_FILE)
+        hf_config = json.loads((Path(model_dir) / "config.json").read_text())
+        hf_config.update(dms_window_size=self.window_size, dms_alpha_scale=self.alpha_scale,
+                         dms_alpha_offset=self.alpha_offset, dms_cr=self.target_compression_ratio)
+        for name, content, indent in ((METADATA_FILE, blob, 1), ("config.json", hf_config, 2)):
+            tmp = Path(model_dir) / (name + ".tmp")
+            tmp.write_text(json.dumps(content, indent=indent) + "\n")
+            os.replace(tmp, Path(model_dir) / name)
 
     # -- used by the model's attention ------------------------------------------------------------------------------
 

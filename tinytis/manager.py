@@ -141,7 +141,7 @@ class CacheManager:
         """The whole context is in: drop the reference answer if there is one, and evict to the budget."""
         if self.policy.needs.reference:
             cache.truncate(torch.tensor(self.lengths))
-            cache.observe = Observe(slot_value=self.policy.needs.slot_value)  # keep the answer's attention as the scores
+            cache.observe = cache.observe.per_slot()  # keep the answer's attention as the scores
             self.last_pos = torch.tensor(self.lengths) - 1
             self._prune(cache)
         self.evict(cache, self.budget)
