@@ -326,7 +326,7 @@ def overhead(a):
 
 PRESSES = ("snapkv", "streaming", "observed_attention", "tova", "knorm", "expected_attention", "adakv", "pyramidkv",
            "random")
-PEER_TASKS = ("niah", "narrative")  # single-question tasks with a context length (the cells of eval.py)
+PEER_TASKS = ("niah", "narrative", "fidelity")  # the single-context tasks with a length (the cells of eval.py)
 
 
 def make_press(kvpress, name: str, budget: float):
@@ -343,72 +343,95 @@ def make_press(kvpress, name: str, budget: float):
     return cls(compression_ratio=ratio)
 
 
+class PressedCache:
+    """transformers' cache of a context compressed by a press (None: the full cache), and the tokens that follow it
+    fed at their true positions, as kvpress's pipeline does."""
+
+    def __init__(self, model, press, context: list[int]):
+        from transformers import DynamicCache
+
+        self.model, self.cache, self.pos = model, DynamicCache(), len(context)
+        with press(model) if press is not None else contextlib.nullcontext():
+            model.model(input_ids=torch.tensor([context]), past_key_values=self.cache)
+        lengths = {layer.keys.shape[-2] for layer in self.cache.layers}
+        # per-layer budgets (PyramidKV) leave the layers different lengths, and transformers sizes a multi-token
+        # causal mask by the first layer's cache: such a cache takes one token per forward
+        self.step = len(context) if len(lengths) == 1 else 1
+        self.bytes_held = sum(layer.keys.numel() + layer.values.numel() for layer in self.cache.layers) * model.dtype.itemsize
+
+    def feed(self, tokens: list[int]) -> torch.Tensor:
+        """Append tokens; returns the logits (len(tokens), V), each for the token after its position."""
+        out = []
+        for i in range(0, len(tokens), self.step):
+            chunk = tokens[i : i + self.step]
+            positions = torch.arange(self.pos, self.pos + len(chunk))[None]
+            out.append(self.model(input_ids=torch.tensor([chunk]), past_key_values=self.cache, position_ids=positions).logits[0])
+            self.pos += len(chunk)
+        return torch.cat(out)
+
+
 @torch.inference_mode()
-def press_answer(model, press, context: list[int], question: list[int], eos_id: int, max_new_tokens: int):
-    """Query-agnostic greedy answer from transformers: the press (None: full cache) compresses the context's prefill,
-    then the question and the answer go through the compressed cache at their true positions (as kvpress's pipeline
-    does). Returns the new tokens, up to and excluding EOS, and the bytes of K and V the cache holds after compression.
-
-    The question goes in one token per forward: with per-layer budgets (PyramidKV) the layers hold different numbers
-    of tokens, and transformers sizes a multi-token causal mask by the first layer's cache."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    with press(model) if press is not None else contextlib.nullcontext():
-        model.model(input_ids=torch.tensor([context]), past_key_values=cache)
-    held = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * model.dtype.itemsize
-    feed, pos, tokens = list(question), len(context), []
-    while True:
-        logits = model(input_ids=torch.tensor([[feed.pop(0)]]), past_key_values=cache, position_ids=torch.tensor([[pos]]),
-                       logits_to_keep=1).logits
-        pos += 1
-        if feed:
-            continue
-        nxt = int(logits[0, -1].argmax())
-        if nxt == eos_id:
-            break
+def press_answer(cache: PressedCache, question: list[int], eos_id: int, max_new_tokens: int) -> list[int]:
+    """Greedy answer to the question from a pressed cache: the new tokens, up to and excluding EOS."""
+    logits, tokens = cache.feed(question)[-1], []
+    while (nxt := int(logits.argmax())) != eos_id and len(tokens) < max_new_tokens:
         tokens.append(nxt)
-        if len(tokens) == max_new_tokens:
-            break
-        feed.append(nxt)
-    return tokens, held
+        logits = cache.feed([nxt])[-1]
+    return tokens
 
 
-def press_rows(kvpress, model_dir: Path, tok, cells, samples, presses, budgets, seed: int) -> list:
-    """Score every press at every budget, and transformers' full cache once, on each cell's samples."""
+@torch.inference_mode()
+def press_continuation_logits(cache: PressedCache, cont: list[int]) -> torch.Tensor:
+    """Teacher-forced logits (len(cont) - 1, V) at the positions that predict cont[1:], as Evaluator.continue_logits."""
+    return cache.feed(cont[:-1])
+
+
+def press_rows(kvpress, model_dir: Path, evaluator, cells, samples, presses, budgets) -> list:
+    """Score every press at every budget, and transformers' full cache once, on each cell's samples. Fidelity is
+    KL(full || pressed) against transformers' own full cache, the reference tinytis's rows use on its side."""
     from transformers import AutoModelForCausalLM
 
-    from tinytis.evaluate import MAX_NEW_TOKENS, Row, git_commit, score_answer
+    from tinytis.evaluate import MAX_NEW_TOKENS, Row, fidelity_metrics, score_answer
 
     # ObservedAttention reads the attention weights (eager attention only); AdaKV masks keys inside SDPA
     models = {impl: AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=impl, dtype=torch.float32).eval()
               for impl in ("eager", "sdpa")}
-    token_bytes = 2 * models["sdpa"].config.num_hidden_layers * models["sdpa"].config.num_key_value_heads * \
-        models["sdpa"].config.head_dim * 4
+    config = models["sdpa"].config
+    token_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
     runs = [("transformers", 1.0)] + [(f"kvpress/{p}", b) for p in presses for b in budgets]
-    commit, rows = git_commit(), []
+    rows, tok = [], evaluator.tok
     bar = tqdm(total=len(cells) * len(samples[cells[0]]) * len(runs), desc="kvpress", unit="run")
     for cell in cells:
+        batch, contexts, questions, conts = evaluator.encode(samples[cell], "agnostic")
+        full_logits = [press_continuation_logits(PressedCache(models["sdpa"], None, c), cont)
+                       for c, cont in zip(contexts, conts)] if cell.task == "fidelity" else None
         for name, budget in runs:
             press_name = name.removeprefix("kvpress/")
             press = make_press(kvpress, press_name, budget) if name != "transformers" else None
             model = models["eager" if press_name == "observed_attention" else "sdpa"]
-            metrics, held, full = {}, 0, 0
-            for s in samples[cell]:
-                context, question = tok.encode(s.context), tok.encode(s.question, bos=False)
-                tokens, bytes_held = press_answer(model, press, context, question, tok.eos_id, MAX_NEW_TOKENS)
-                for k, v in score_answer(cell.task, tok.decode(tokens), s.answer).items():
+            metrics, held = {}, 0
+            for i, (s, context) in enumerate(zip(batch, contexts)):
+                cache = PressedCache(model, press, context)
+                held += cache.bytes_held
+                if cell.task == "fidelity":
+                    scores = fidelity_metrics([full_logits[i]], [press_continuation_logits(cache, conts[i])], [conts[i]])
+                    scores = {k: v[0] for k, v in scores.items()}
+                else:
+                    tokens = press_answer(cache, questions[i], tok.eos_id, MAX_NEW_TOKENS)
+                    scores = score_answer(cell.task, tok.decode(tokens), s.answer)
+                for k, v in scores.items():
                     metrics.setdefault(k, []).append(v)
-                held, full = held + bytes_held, full + len(context) * token_bytes
                 bar.update()
+            full = sum(len(c) for c in contexts) * token_bytes
             rows += [Row(cell.task, cell.variant, name, budget, "agnostic", cell.length, cell.depth, m, len(v),
-                         sum(v) / len(v), held, full, seed, commit) for m, v in metrics.items()]
+                         sum(v) / len(v), held, full, evaluator.seed, evaluator.commit) for m, v in metrics.items()]
     bar.close()
     return rows
 
 
 def plot_peers(rows, path: Path):
-    """Score vs budget, a panel per task variant: tinytis's policies solid, kvpress's presses dashed, full cache black."""
+    """Score vs budget, a panel per task variant (exact match; fidelity: KL(full || evicted)): tinytis's policies
+    solid, kvpress's presses dashed, the full cache black."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -416,27 +439,31 @@ def plot_peers(rows, path: Path):
 
     from tinytis.evaluate import summarize
 
-    summary = {k: v[0] for k, v in summarize(rows).items() if k[2] == "em"}
-    panels = sorted({k[:2] for k in summary})
+    summary = {k: v[0] for k, v in summarize(rows).items() if k[2] == ("kl" if k[0] == "fidelity" else "em")}
+    panels = sorted({k[:3] for k in summary})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     policies = sorted({k[3] for k in summary if k[3] not in ("full", "transformers")})
     colors = {p: plt.get_cmap("tab20")(i % 20) for i, p in enumerate(policies)} | {"tis": "crimson"}
     budgets = sorted({k[4] for k in summary})
-    for ax, (task, variant) in zip(axes[0], panels):
-        series = {k[3:5]: v for k, v in summary.items() if k[:2] == (task, variant)}
+    for ax, (task, variant, metric) in zip(axes[0], panels):
+        series = {k[3:5]: v for k, v in summary.items() if k[:3] == (task, variant, metric)}
         for policy in policies:
             pts = sorted((b, v) for (p, b), v in series.items() if p == policy)
             press = policy.startswith("kvpress/")
             ax.plot(*zip(*pts), marker="x" if press else "o", markersize=3, linestyle="--" if press else "-",
                     linewidth=2.4 if policy == "tis" else 1.2, color=colors[policy], label=policy)
-        if ("full", 1.0) in series:
+        if ("full", 1.0) in series and metric != "kl":  # the full cache's KL is 0
             ax.axhline(series[("full", 1.0)], color="black", linewidth=0.8, label="full cache")
         ax.set_xscale("log")
         ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
         ax.minorticks_off()
         ax.set_xlabel("budget (fraction of the context kept)")
-        ax.set_ylabel("exact match")
-        ax.set_ylim(-0.02, 1.02)
+        if metric == "kl":
+            ax.set_yscale("log")
+            ax.set_ylabel("KL(full || evicted), nats/token (lower is better)")
+        else:
+            ax.set_ylabel("exact match")
+            ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"{task} {variant}", fontsize=9)
     axes[0][-1].legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle("tinytis policies (solid) vs kvpress presses (dashed), query-agnostic", fontsize=10)
@@ -476,7 +503,7 @@ def peers(a):
     samples = {c: make_samples(c, a.n_samples, a.seed, count) for c in cells}
     evaluator = Evaluator(model, tok, model_dir, seed=a.seed)
     rows = evaluator.run(a.tasks, ["full", *a.policies], a.budgets, ["agnostic"], a.lengths, a.depths, [], a.n_samples)
-    rows += press_rows(kvpress, model_dir, tok, cells, samples, a.presses, a.budgets, a.seed)
+    rows += press_rows(kvpress, model_dir, evaluator, cells, samples, a.presses, a.budgets)
     write_csv(rows, Path(a.output))
     print(format_summary(rows))
     print(f"wrote {a.output}")
@@ -511,7 +538,7 @@ def main():
     s.add_argument("--threads", type=int, default=torch.get_num_threads())
     s.set_defaults(run=overhead)
     s = sub.add_parser("peers", help="kvpress's presses vs tinytis's policies on the embedded model (kvpress environment)")
-    s.add_argument("--tasks", type=comma_list(str), default=list(PEER_TASKS), help="comma-separated: niah, narrative")
+    s.add_argument("--tasks", type=comma_list(str), default=list(PEER_TASKS), help="comma-separated: " + ", ".join(PEER_TASKS))
     s.add_argument("--presses", type=comma_list(str), default=list(PRESSES))
     s.add_argument("--policies", type=comma_list(str), default=["tis", "oracle", "h2o", "snapkv", "tova", "streaming", "knorm",
                                                              "random"], help="tinytis policies (the full cache always runs)")
