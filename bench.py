@@ -347,6 +347,7 @@ class PressedCache:
     """transformers' cache of a context compressed by a press (None: the full cache), and the tokens that follow it
     fed at their true positions, as kvpress's pipeline does."""
 
+    @torch.inference_mode()
     def __init__(self, model, press, context: list[int]):
         from transformers import DynamicCache
 
@@ -359,6 +360,7 @@ class PressedCache:
         self.step = len(context) if len(lengths) == 1 else 1
         self.bytes_held = sum(layer.keys.numel() + layer.values.numel() for layer in self.cache.layers) * model.dtype.itemsize
 
+    @torch.inference_mode()
     def feed(self, tokens: list[int]) -> torch.Tensor:
         """Append tokens; returns the logits (len(tokens), V), each for the token after its position."""
         out = []
@@ -370,7 +372,6 @@ class PressedCache:
         return torch.cat(out)
 
 
-@torch.inference_mode()
 def press_answer(cache: PressedCache, question: list[int], eos_id: int, max_new_tokens: int) -> list[int]:
     """Greedy answer to the question from a pressed cache: the new tokens, up to and excluding EOS."""
     logits, tokens = cache.feed(question)[-1], []
@@ -380,7 +381,6 @@ def press_answer(cache: PressedCache, question: list[int], eos_id: int, max_new_
     return tokens
 
 
-@torch.inference_mode()
 def press_continuation_logits(cache: PressedCache, cont: list[int]) -> torch.Tensor:
     """Teacher-forced logits (len(cont) - 1, V) at the positions that predict cont[1:], as Evaluator.continue_logits."""
     return cache.feed(cont[:-1])
