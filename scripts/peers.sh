@@ -2,7 +2,7 @@
 # The kvpress peers of docs/results.md: every press and tinytis's policies on the same held-out prompts, 1,024 and
 # 2,048 tokens, query-agnostic, n = 102 per (task variant, policy, budget): NIAH and narrative 17 samples at each of
 # 3 depths x 2 lengths, fidelity 51 per length. Two processes of one thread (NIAH; then fidelity and narrative), about
-# 70 minutes on a 2-core CPU. Run it in the kvpress environment (README), then print the tables:
+# 65 minutes on a 2-core CPU. Run it in the kvpress environment (README), then print the tables:
 #
 #   bash scripts/peers.sh .venv-kvpress/bin/python
 set -euo pipefail
