@@ -444,7 +444,7 @@ def plot_peers(rows, path: Path):
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     policies = sorted({k[3] for k in summary if k[3] not in ("full", "transformers")})
     colors = {p: plt.get_cmap("tab20")(i % 20) for i, p in enumerate(policies)} | {"tis": "crimson"}
-    budgets = sorted({k[4] for k in summary})
+    budgets = sorted({k[4] for k in summary if k[3] in policies})  # the full cache is a line, not a point
     for ax, (task, variant, metric) in zip(axes[0], panels):
         series = {k[3:5]: v for k, v in summary.items() if k[:3] == (task, variant, metric)}
         for policy in policies:
