@@ -357,15 +357,15 @@ class PressedCache:
         lengths = {layer.keys.shape[-2] for layer in self.cache.layers}
         # per-layer budgets (PyramidKV) leave the layers different lengths, and transformers sizes a multi-token
         # causal mask by the first layer's cache: such a cache takes one token per forward
-        self.step = len(context) if len(lengths) == 1 else 1
+        self.one_token_per_forward = len(lengths) > 1
         self.bytes_held = sum(layer.keys.numel() + layer.values.numel() for layer in self.cache.layers) * model.dtype.itemsize
 
     @torch.inference_mode()
     def feed(self, tokens: list[int]) -> torch.Tensor:
         """Append tokens; returns the logits (len(tokens), V), each for the token after its position."""
-        out = []
-        for i in range(0, len(tokens), self.step):
-            chunk = tokens[i : i + self.step]
+        out, step = [], 1 if self.one_token_per_forward else max(1, len(tokens))
+        for i in range(0, len(tokens), step):
+            chunk = tokens[i : i + step]
             positions = torch.arange(self.pos, self.pos + len(chunk))[None]
             out.append(self.model(input_ids=torch.tensor([chunk]), past_key_values=self.cache, position_ids=positions).logits[0])
             self.pos += len(chunk)
