@@ -396,15 +396,14 @@ def press_rows(kvpress, model_dir: Path, evaluator, cells, samples, presses, bud
     # ObservedAttention reads the attention weights (eager attention only); AdaKV masks keys inside SDPA
     models = {impl: AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=impl, dtype=torch.float32).eval()
               for impl in ("eager", "sdpa")}
-    config = models["sdpa"].config
-    token_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    config, dtype = models["sdpa"].config, models["sdpa"].dtype
+    token_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
     runs = [("transformers", 1.0)] + [(f"kvpress/{p}", b) for p in presses for b in budgets]
     rows, tok = [], evaluator.tok
     bar = tqdm(total=len(cells) * len(samples[cells[0]]) * len(runs), desc="kvpress", unit="run")
     for cell in cells:
         batch, contexts, questions, conts = evaluator.encode(samples[cell], "agnostic")
-        full_logits = [press_continuation_logits(PressedCache(models["sdpa"], None, c), cont)
-                       for c, cont in zip(contexts, conts)] if cell.task == "fidelity" else None
+        full_logits = []  # fidelity: the transformers run comes first and its logits are the reference
         for name, budget in runs:
             press_name = name.removeprefix("kvpress/")
             press = make_press(kvpress, press_name, budget) if name != "transformers" else None
@@ -414,8 +413,10 @@ def press_rows(kvpress, model_dir: Path, evaluator, cells, samples, presses, bud
                 cache = PressedCache(model, press, context)
                 held += cache.bytes_held
                 if cell.task == "fidelity":
-                    scores = fidelity_metrics([full_logits[i]], [press_continuation_logits(cache, conts[i])], [conts[i]])
-                    scores = {k: v[0] for k, v in scores.items()}
+                    logits = press_continuation_logits(cache, conts[i])
+                    if press is None:
+                        full_logits.append(logits)
+                    scores = {k: v[0] for k, v in fidelity_metrics([full_logits[i]], [logits], [conts[i]]).items()}
                 else:
                     tokens = press_answer(cache, questions[i], tok.eos_id, MAX_NEW_TOKENS)
                     scores = score_answer(cell.task, tok.decode(tokens), s.answer)

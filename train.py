@@ -304,15 +304,20 @@ def evaluate_eviction(model, tok, budget: float, anchors, score, n: int = 32, le
     return torch.cat(hits).mean().item()
 
 
-def train_tis(args):
+def frozen_model_start(args):
+    """The start of a stage on the frozen base model (oracle, ert, trimkv): makes the run directory, seeds torch.
+    -> model_dir, run, model (no gradients), tok, count (tokens of a text), command (what reproduces the run)"""
     model_dir, run = Path(args.model), Path(args.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     model = Transformer.from_pretrained(model_dir).requires_grad_(False)
     tok = Tokenizer.from_dir(model_dir)
-    count = lambda s: len(tok.encode(s, bos=False))
-    anchors = (args.n_sink, args.n_recent)
     torch.manual_seed(args.seed)
-    command = training_command(args)
+    return model_dir, run, model, tok, lambda s: len(tok.encode(s, bos=False)), training_command(args)
+
+
+def train_tis(args):
+    model_dir, run, model, tok, count, command = frozen_model_start(args)
+    anchors = (args.n_sink, args.n_recent)
     tis = TIS(model.args, meta={"base_model": str(model_dir), "anchors": {"n_sink": args.n_sink, "n_recent": args.n_recent},
                                 "budgets": list(TIS_BUDGETS), "stage": args.stage, "command": command},
               per_head=not args.shared_score)
@@ -509,13 +514,7 @@ def trimkv_scores(gates):
 
 
 def train_trimkv(args):
-    model_dir, run = Path(args.model), Path(args.run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    model = Transformer.from_pretrained(model_dir).requires_grad_(False)
-    tok = Tokenizer.from_dir(model_dir)
-    count = lambda s: len(tok.encode(s, bos=False))
-    torch.manual_seed(args.seed)
-    command = training_command(args)
+    model_dir, run, model, tok, count, command = frozen_model_start(args)
     # the gates start at beta = 1 - 1 / (2 M): a head's retention sums to about twice the memory
     gates = RetentionGates(model.args, args.gate_hidden, bias_init=math.log(2 * args.memory_size - 1), seed=args.seed,
                            meta={"base_model": str(model_dir), "memory_size": args.memory_size,
