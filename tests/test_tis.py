@@ -16,6 +16,7 @@ from tinytis.model import Transformer
 from tinytis.policies import TISPolicy
 from tinytis.tasks import training
 from tinytis.tokenizer import Tokenizer
+from tinytis.train.base import train_tokenizer
 from tinytis.weights import save_hf
 
 SMALL = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64, vocab_size=400,
@@ -26,7 +27,7 @@ SMALL = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidde
 def model_dir(tmp_path_factory):
     """A random small model with a tokenizer trained on the task mix, in HF layout."""
     d = tmp_path_factory.mktemp("small")
-    train.train_tokenizer(d, SMALL.vocab_size, seed=0)
+    train_tokenizer(d, SMALL.vocab_size, seed=0)
     model = Transformer(SMALL)
     model.init_weights(seed=0, std=0.2)  # a large init gives peaked attention, so eviction matters
     save_hf(model.state_dict(), d, SMALL)

@@ -1,5 +1,5 @@
 """The training mix of the embedded model: the evaluation task families (on training seeds) plus two
-training-only tasks, copy and associative recall, that teach the model to look things up."""
+training-only tasks, copy (token-level induction) and associative recall, that teach the model to look things up."""
 import random
 
 from tinytis.tasks import Sample, litm, narrative, niah
@@ -10,11 +10,21 @@ WORDS = NAMES + PLACES + OBJECTS + COLORS + ANIMALS
 LITM_TOKENS_PER_DOC = 45  # about how long one litm document is; sets how many fit a length
 
 
-def copy(rng: random.Random, length: int, count) -> Sample:
-    """A random span, filler, then the span again: given its first word, continue it (induction)."""
-    span = [rng.choice(WORDS) if rng.random() < 0.7 else number(rng, rng.randint(1, 5)) for _ in range(rng.randint(6, 12))]
-    filler = haystack(rng, length - count(" ".join(span)), count, [], landmark_share=0.3)
-    return Sample("copy", " ".join(span) + " " + filler, span[0], " ".join(span[1:]), length, 0.0)
+def copy(rng: random.Random, length: int, tok, depth: float | None = None) -> tuple[list[int], int]:
+    """Induction, at the token level: a span of 8-31 random token ids (any id but <unk>, BOS and EOS) sits at a
+    random point in filler and ends the sequence again; given its first token, continue it.
+
+    -> (ids = BOS filler-with-span span, where the answer starts): the loss covers tokens 2..n of the repeat. The
+    span's place is random (or at `depth` of the filler, for a probe), so the model must find it by content.
+    """
+    special = {tok.sp.unk_id(), tok.bos_id, tok.eos_id}
+    allowed = [i for i in range(tok.vocab_size) if i not in special]
+    span = [rng.choice(allowed) for _ in range(rng.randint(8, 31))]
+    count = lambda s: len(tok.encode(s, bos=False))
+    filler = tok.encode(haystack(rng, length - 2 * len(span), count, [], landmark_share=0.3), bos=False)
+    at = rng.randrange(len(filler) + 1) if depth is None else round(depth * len(filler))
+    ids = [tok.bos_id] + filler[:at] + span + filler[at:] + span
+    return ids, len(ids) - len(span) + 1
 
 
 def recall(rng: random.Random, length: int, count) -> Sample:
@@ -28,14 +38,16 @@ def recall(rng: random.Random, length: int, count) -> Sample:
     return Sample("recall", context, keys[i], values[i], length, depth)
 
 
-def sample(rng: random.Random, length: int, count, families=None) -> Sample:
-    """One training sample of about `length` context tokens from a family drawn by weight."""
-    weights = {"copy": 1, "recall": 1, "passkey": 1, "varied": 1, "multikey": 2, "narrative": 2, "litm": 2}
-    families = families or list(weights)
-    family = rng.choices(families, [weights[f] for f in families])[0]
+# the families' weights where a caller names families without weights (the TIS stages)
+WEIGHTS = {"recall": 1, "passkey": 1, "varied": 1, "multikey": 2, "narrative": 2, "litm": 2}
+
+
+def sample(rng: random.Random, length: int, count, families) -> Sample:
+    """One text sample of about `length` context tokens from a family drawn by weight. families: a list of
+    names (weighted by WEIGHTS) or a {name: weight} mix."""
+    mix = families if isinstance(families, dict) else {f: WEIGHTS[f] for f in families}
+    family = rng.choices(list(mix), list(mix.values()))[0]
     seed, depth = rng.randrange(TRAIN_SEEDS.stop), rng.random()
-    if family == "copy":
-        return copy(rng, length, count)
     if family == "recall":
         return recall(rng, length, count)
     if family == "narrative":
