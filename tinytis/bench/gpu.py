@@ -1,8 +1,9 @@
 """bench.py gpu: the GPU path in one command and one table, written to docs/benchmarks.md.
 
   (a) NF4 matmul at Mistral-7B's shapes (W: N x K = out x in) for batch 1, 4, 16: tinytis's kernel against
-      bitsandbytes' matmul_4bit and a bf16 torch matmul. GB/s = bytes read and written (the weight as held, x, y)
-      per second; % HBM against the device's nominal bandwidth.
+      bitsandbytes' matmul_4bit (its Linear4bit) and a bf16 torch matmul, after checking tinytis's result against
+      the torch reference. GB/s = bytes read and written (the weight as held, x, y) per second; % HBM against the
+      device's nominal bandwidth; vs peer, on tinytis's row: bitsandbytes' time / tinytis's.
   (b) decode tokens/s, batch 1, random weights in Mistral-7B-v0.3's shape (no download), bf16 and NF4, at each
       context and budget: the context is prefilled once, compressed to each budget by knorm (no statistics to
       record: prefill through SDPA, decode without attention mass), then decoded greedily.
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels.nf4_matmul import nf4_matmul_ref
 from tinytis import nf4
 from tinytis.config import ModelArgs
 from tinytis.engine import SamplingParams, decode, prefill
@@ -85,7 +87,7 @@ def bnb_linear(weight: torch.Tensor, dtype):
     import bitsandbytes as bnb
 
     layer = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=False, compute_dtype=dtype,
-                              compress_statistics=True, quant_type="nf4")
+                              compress_statistics=True, quant_type="nf4", device="meta")  # no throwaway init
     layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True).to(weight.device)
     return layer
 
@@ -106,6 +108,9 @@ def matmul_rows(shapes, device, dtype, peak_tbps) -> list[Row]:
             peers = {"bitsandbytes": (layer, w.nbytes())} | peers
         for batch in BATCHES:
             x = torch.randn(batch, k, device=device, dtype=dtype)
+            ref = nf4_matmul_ref(x, w).float()
+            if (kernels.nf4_matmul(x, w).float() - ref).abs().max() > 2**-6 * ref.abs().max():  # test_kernels' bf16 bound
+                raise RuntimeError(f"NF4 matmul {n}x{k} batch {batch} disagrees with its reference; no figures")
             io = (batch * (k + n)) * x.element_size()
             ours = seconds_per_call(lambda: kernels.nf4_matmul(x, w), device)
             timed = [(name, seconds_per_call(lambda: fn(x), device), nbytes) for name, (fn, nbytes) in peers.items()]
