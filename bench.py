@@ -6,6 +6,9 @@
                              decode attention at 4k/16k/32k context: GB/s and fraction of peak bandwidth
     python bench.py overhead what eviction adds to a 4k-token prefill, per policy: recording the attention statistics
                              the policy needs, and scoring + compaction, as fractions of the full-cache prefill time
+    python bench.py gpu      the GPU path in one table, written to docs/benchmarks.md: NF4 matmul at the Mistral-7B
+                             shapes vs bitsandbytes and bf16, decode tokens/s of a Mistral-7B-shaped model (bf16, NF4) at
+                             1k/8k/32k context and budgets 1/0.25/0.1, and transformers' decode (tinytis/bench/gpu.py)
     python bench.py peers    kvpress's presses through transformers against tinytis's policies on the embedded model:
                              same held-out prompts, budgets and query-agnostic setting, one table, a CSV, a plot
                              (run it in the kvpress environment: see the README)
@@ -23,8 +26,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tinytis.config import ModelArgs
+from tinytis.device import add_device_flag, resolve_device
 from tinytis.engine import SamplingParams, generate
 from tinytis.errors import ArgumentParser, UserError, comma_list, run_cli
+from tinytis.bench import gpu
 from tinytis.model import Transformer
 from tinytis.weights import save_hf
 
@@ -538,6 +543,11 @@ def main():
     s.add_argument("--reps", type=int, default=3)
     s.add_argument("--threads", type=int, default=torch.get_num_threads())
     s.set_defaults(run=overhead)
+    s = sub.add_parser("gpu", help="NF4 matmul, decode tokens/s at 7B shape and transformers' decode: one table")
+    s.add_argument("--shape", choices=["7b", "tiny"], default="7b", help="7b: Mistral-7B-v0.3's shapes; tiny: the same on small ones")
+    s.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"))
+    add_device_flag(s)
+    s.set_defaults(run=lambda a: gpu.run(a.shape, resolve_device(a.device), a.output))
     s = sub.add_parser("peers", help="kvpress's presses vs tinytis's policies on the embedded model (kvpress environment)")
     s.add_argument("--tasks", type=comma_list(str), default=list(PEER_TASKS), help="comma-separated: " + ", ".join(PEER_TASKS))
     s.add_argument("--presses", type=comma_list(str), default=list(PRESSES))

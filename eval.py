@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from tinytis import shard
+from tinytis.device import add_device_flag, resolve_device
 from tinytis.errors import ArgumentParser, UserError, comma_list, run_cli
 from tinytis.evaluate import TASKS, Evaluator, format_summary, plot, read_csv, write_csv, write_timing
 from tinytis.manager import check_budget
@@ -62,6 +63,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    add_device_flag(parser)
     args = parser.parse_args()
 
     if args.report:
@@ -89,10 +91,11 @@ def main():
         raise UserError(f"depths must lie in [0, 1], got {args.depths}")
     if any(k < 2 for k in litm_docs):
         raise UserError("--litm-docs needs at least 2 documents per sample")
+    device = resolve_device(args.device)
     model_dir = resolve_model_dir(args.model)
     if args.model == DEFAULT_MODEL and not (model_dir / "config.json").exists():
         raise UserError(f"the embedded model is missing from {DEFAULT_MODEL}; train it with `python train.py base`")
-    model = Transformer.from_pretrained(model_dir)
+    model = Transformer.from_pretrained(model_dir, device=device)
     too_long = [L for L in lengths if L + 64 > model.args.max_seq_len]
     if too_long:
         raise UserError(f"length {too_long[0]} is beyond what the model handles ({model.args.max_seq_len} tokens "

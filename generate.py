@@ -11,6 +11,7 @@ answered from that same compressed cache (query-agnostic: the questions are not 
 import argparse
 from pathlib import Path
 
+from tinytis.device import add_device_flag
 from tinytis.errors import ArgumentParser, UserError, run_cli
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "tiny"
@@ -41,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--quant", choices=["nf4"], help="quantize the Linear layers of the blocks on load (bitsandbytes NF4)")
+    add_device_flag(p)
     p.add_argument("--budget", type=budget, default=1.0,
                    help="KV budget per (layer, KV head): fraction of the prompt or token count (default 1.0: keep all)")
     p.add_argument("--policy", help="eviction policy (default: dms for a DMS model, tis when the model directory has "
@@ -112,6 +114,7 @@ def run(args, prompt: str):
     # torch and the engine are imported once the cheap checks have passed, so a typo fails at once
     import torch
 
+    from tinytis.device import resolve_device
     from tinytis.engine import SamplingParams, decode, prefill
     from tinytis.manager import CacheManager, ManagerConfig
     from tinytis.model import Transformer
@@ -122,11 +125,12 @@ def run(args, prompt: str):
 
     config = ManagerConfig(args.budget, prefill_chunk=args.prefill_chunk, decode_budget=args.decode_budget,
                            decode_buffer=args.decode_buffer)
+    device = resolve_device(args.device)
     path = resolve_model_dir(args.model)
-    model = Transformer.from_pretrained(path, getattr(torch, args.dtype), quant=args.quant)
+    model = Transformer.from_pretrained(path, getattr(torch, args.dtype), quant=args.quant, device=device)
     if args.policy is None:
         args.policy = "dms" if model.dms else "tis" if (path / COMPONENTS_FILE).exists() else "snapkv"
-    policy = make_policy(args.policy, path, model.args)
+    policy = make_policy(args.policy, path, model.args, device)
     tokenizer = Tokenizer.from_dir(path)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise UserError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}")

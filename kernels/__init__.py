@@ -3,13 +3,18 @@
 TINYTIS_KERNELS=torch|triton overrides the choice. Triton kernels run on CUDA tensors, or on CPU
 tensors when TRITON_INTERPRET=1 was set before triton was imported (how the tests check them).
 Each kernel module holds its Triton kernel and its torch reference side by side.
+
+CALLS counts the Triton launches by kernel (nf4_gemv, nf4_gemm, rope_cache_write, paged_decode_attention): a
+debug counter that the tests and bench.py gpu read to see which kernels a decode step runs. The torch path
+counts nothing.
 """
 import os
+from collections import Counter
 
 import torch
 
 from kernels._triton import AVAILABLE as TRITON_AVAILABLE
-from kernels.nf4_matmul import nf4_matmul_ref, nf4_matmul_triton
+from kernels.nf4_matmul import GEMV_MAX_M, nf4_matmul_ref, nf4_matmul_triton
 from kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
 from kernels.rope_cache import rope_cache_write_ref, rope_cache_write_triton
 
@@ -28,6 +33,7 @@ def _choose() -> str:
 
 
 BACKEND = _choose()
+CALLS = Counter()
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -38,17 +44,22 @@ def use_triton(t: torch.Tensor) -> bool:
 def nf4_matmul(x, w):
     """y = x @ dequantize(w).T for x (..., K) and an NF4Weight w (N, K) -> (..., N) in x.dtype."""
     if use_triton(x) and w.shape[1] % 64 == 0:
+        CALLS["nf4_gemv" if x.numel() // x.shape[-1] <= GEMV_MAX_M else "nf4_gemm"] += 1
         return nf4_matmul_triton(x, w)
     return nf4_matmul_ref(x, w)
 
 
 def rope_cache_write(q, k, v, positions, inv_freq, k_pool, v_pool, slots):
     """RoPE on q and k at their positions, k and v written into their pool slots; returns rotated q."""
-    fn = rope_cache_write_triton if use_triton(q) else rope_cache_write_ref
-    return fn(q, k, v, positions, inv_freq, k_pool, v_pool, slots)
+    if not use_triton(q):
+        return rope_cache_write_ref(q, k, v, positions, inv_freq, k_pool, v_pool, slots)
+    CALLS["rope_cache_write"] += 1
+    return rope_cache_write_triton(q, k, v, positions, inv_freq, k_pool, v_pool, slots)
 
 
 def paged_decode_attention(q, k_pool, v_pool, page_table, lengths, scale, need_mass=True):
     """One query per sequence over per-(sequence, KV head) page tables -> (out, mass or None)."""
-    fn = paged_decode_attention_triton if use_triton(q) else paged_decode_attention_ref
-    return fn(q, k_pool, v_pool, page_table, lengths, scale, need_mass)
+    if not use_triton(q):
+        return paged_decode_attention_ref(q, k_pool, v_pool, page_table, lengths, scale, need_mass)
+    CALLS["paged_decode_attention"] += 1
+    return paged_decode_attention_triton(q, k_pool, v_pool, page_table, lengths, scale, need_mass)

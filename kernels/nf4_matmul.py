@@ -103,11 +103,15 @@ def _code_tables(device) -> tuple[torch.Tensor, torch.Tensor]:
 _CODE_TABLES = {}
 
 
-def nf4_matmul_triton(x: torch.Tensor, w, split_k: int | None = None, block_k: int | None = None) -> torch.Tensor:
+def nf4_matmul_triton(x: torch.Tensor, w, split_k: int | None = None, block_m: int | None = None,
+                      block_n: int | None = None, block_k: int | None = None) -> torch.Tensor:
     """Triton y = x @ W.T: x (..., K) -> (..., N) in x.dtype. K must be a multiple of 64.
 
     Block sizes are set, not autotuned (untuned on hardware so far). gemv: the (M, BLOCK_N, BLOCK_K)
     product tile holds 8192 values whatever M; split_k (default: about 4 programs per SM) slices K.
+    gemm: 64 x 64 x 64 tiles. In the interpreter (CPU tensors), whose cost is per program rather than per value,
+    the defaults are few large programs: W tiles of up to 512 x 512 (and 128 rows of x). Block sizes given are
+    used as given (the tests pass the CUDA ones).
     """
     N, K = w.shape
     assert K % 64 == 0 and x.shape[-1] == K, f"nf4_matmul_triton needs K % 64 == 0 and x (..., {K}), got {tuple(x.shape)}"
@@ -119,11 +123,15 @@ def nf4_matmul_triton(x: torch.Tensor, w, split_k: int | None = None, block_k: i
     nested, offset = (w.nested_absmax, w.offset) if double else (w.absmax, w.absmax)
     if M <= GEMV_MAX_M:
         block_m = triton.next_power_of_2(M)
-        block_n = 32 if block_m <= 4 else 16
-        block_k = min(block_k or max(64, min(256, 8192 // (block_m * block_n))), triton.next_power_of_2(K))
-        if split_k is None:
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-            split_k = max(1, min(triton.cdiv(4 * sms, triton.cdiv(N, block_n)), K // block_k))
+        if x.is_cuda:
+            block_n = block_n or (32 if block_m <= 4 else 16)
+            block_k = min(block_k or max(64, min(256, 8192 // (block_m * block_n))), triton.next_power_of_2(K))
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            split_k = split_k or max(1, min(triton.cdiv(4 * sms, triton.cdiv(N, block_n)), K // block_k))
+        else:  # the interpreter
+            block_n = block_n or min(512, triton.next_power_of_2(N))
+            block_k = min(block_k or 512, triton.next_power_of_2(K))
+            split_k = split_k or 1
         k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
         out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(N, block_n), triton.cdiv(K, k_per_split))
@@ -131,7 +139,12 @@ def nf4_matmul_triton(x: torch.Tensor, w, split_k: int | None = None, block_k: i
                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOUBLE_QUANT=double)
         return out.to(x.dtype).view(*x.shape[:-1], N)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    block_m, block_n, block_k = 64, 64, 64
+    if x.is_cuda:
+        block_m, block_n, block_k = block_m or 64, block_n or 64, block_k or 64
+    else:  # the interpreter
+        block_m = block_m or min(128, triton.next_power_of_2(M))
+        block_n = block_n or min(512, triton.next_power_of_2(N))
+        block_k = block_k or min(512, triton.next_power_of_2(K))
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _gemm_kernel[grid](x2, w.packed, w.absmax, nested, offset, byte_values, dyn_code, out, M, N, K,
                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOUBLE_QUANT=double,

@@ -1,4 +1,5 @@
 """bench.py: the load-time memory bound of the lazy loader, and the speed comparison end to end."""
+import importlib.util
 import os
 import re
 import subprocess
@@ -47,3 +48,41 @@ def test_peers_without_kvpress_is_one_line_and_exit_2(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "bench.py peers needs kvpress" in lines[0] and ".venv-kvpress" in lines[0], r.stderr
     assert r.stdout == ""
+
+
+def test_gpu_bench_tiny_prints_and_writes_one_table(tmp_path):
+    """bench.py gpu --shape tiny: the GPU benchmark's code on small shapes (on CPU here, the torch path): one table
+    with every part's rows, the same text printed and written."""
+    out = tmp_path / "benchmarks.md"
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "gpu", "--shape", "tiny", "--output", str(out)],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert text in r.stdout
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == ["part", "case", "engine", "dtype", "batch", "budget", "us/call", "GB/s", "% HBM", "tokens/s",
+                      "KV MiB", "vs peer"]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[1:]]
+    engines = {"tinytis (torch)" if "TINYTIS_KERNELS" not in os.environ else "tinytis (triton)", "torch matmul"}
+    try:
+        import bitsandbytes  # noqa: F401
+
+        engines.add("bitsandbytes")
+    except ImportError:
+        pass
+    matmul = [r for r in rows if r["part"] == "nf4 matmul"]
+    assert {(r["case"], r["batch"], r["engine"]) for r in matmul} == {
+        (case, b, e) for case in ("128x128", "64x128", "256x128", "128x256") for b in ("1", "4", "16") for e in engines}
+    assert all(float(r["us/call"]) > 0 and float(r["GB/s"]) > 0 for r in matmul)
+    ours = [r for r in rows if r["part"] == "decode" and r["engine"].startswith("tinytis")]
+    assert {(r["case"], r["dtype"], r["budget"]) for r in ours} == {
+        (f"ctx {c}", d, b) for c in (64, 128, 256) for d in ("float32", "nf4") for b in ("1", "0.25", "0.1")}
+    assert all(float(r["tokens/s"]) > 0 and float(r["KV MiB"]) > 0 for r in ours)
+    for r in ours:  # eviction holds fewer KV bytes than the full cache of the same context
+        full = next(f for f in ours if (f["case"], f["dtype"], f["budget"]) == (r["case"], r["dtype"], "1"))
+        assert r["budget"] == "1" or float(r["KV MiB"]) < float(full["KV MiB"])
+    if importlib.util.find_spec("transformers"):
+        peers = [r for r in rows if r["engine"].startswith("transformers")]
+        assert len(peers) == 6 and all(float(r["tokens/s"]) > 0 for r in peers)
+        assert all(r["vs peer"].endswith("x") for r in ours if r["budget"] == "1")

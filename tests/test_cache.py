@@ -121,10 +121,11 @@ def record_forwards(model):
     def wrap_attend(cache):
         attend = cache.attend
 
-        def recording(layer, q, k, v, x=None):
+        def recording(layer, q, k, v, x=None, rope=None):
+            k_rot = k if rope is None else rope.apply(k)  # the model hands k unrotated with its Rope
             for b, t in (cache.q_pos >= 0).nonzero().tolist():
-                writes[layer, b, int(cache.q_pos[b, t])] = (k[b, :, t].clone(), v[b, :, t].clone())
-            return attend(layer, q, k, v, x)
+                writes[layer, b, int(cache.q_pos[b, t])] = (k_rot[b, :, t].clone(), v[b, :, t].clone())
+            return attend(layer, q, k, v, x, rope)
 
         cache.attend = recording
 

@@ -4,6 +4,8 @@ Interface used by the model:
   begin_forward(positions)           positions (B, T) of the chunk about to run, -1 for padding
   attend(layer, q, k, v, x) -> out   store k, v: (B, KV, T, D) for this layer, attend q: (B, H, T, D) to the cache;
                                      x: (B, T, dim) the layer's normed input, for a cache that records a value per slot
+A cache with takes_rope = True (PagedKVCache) gets q and k before RoPE and the chunk's tinytis.model.Rope as a
+sixth argument, and rotates them itself: on the kernel path fused with the page write.
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -131,6 +133,8 @@ class PagedKVCache:
     Keys are stored after RoPE at their true positions and never renumbered. Padding (position -1) is never stored.
     """
 
+    takes_rope = True  # the model hands q and k unrotated, with the chunk's Rope (see attend)
+
     def __init__(self, args: ModelArgs, batch_size: int, pool: PagePool):
         self.args, self.pool = args, pool
         L, B, KV, G = args.n_layers, batch_size, args.n_kv_heads, args.n_heads // args.n_kv_heads
@@ -176,6 +180,7 @@ class PagedKVCache:
         self.pos[l, b, h, slot[l, b, h, t]] = positions[b, t]
         self.write_slot, self.length = slot, new_len
         self.self_visible = self.self_mask = None
+        self.unpadded_first_chunk = T > 1 and not self.past_len.any() and bool(real.all())
         if self.observe.window is not None:
             self.window.zero_()
 
@@ -193,26 +198,36 @@ class PagedKVCache:
         """DMS decisions of keys at key_slot (B, KV, Tk), -1 for none: (B, KV, Tk) bool."""
         return self.evict[layer].gather(-1, key_slot.clamp(min=0)) & (key_slot >= 0)
 
-    def attend(self, layer: int, q, k, v, x=None):
+    def attend(self, layer: int, q, k, v, x=None, rope=None):
         """Write the chunk's k, v: (B, KV, T, D) into this layer's pages, then attend q: (B, H, T, D) to what it holds.
         x: (B, T, dim), the layer's normed input, from which Observe.slot_value computes each new slot's value.
+        rope: the chunk's tinytis.model.Rope when q and k come unrotated (from the model); None when already rotated.
 
         Held slots are gathered right-aligned, so without eviction the keys line up exactly as in DenseKVCache
         (left padding first) and the result is bit-identical to it.
+
+        On the kernel backend (kernels.use_triton) a decode step (T = 1) runs two kernels per layer: the fused RoPE +
+        page write, then the paged decode attention (with the attention mass only when the policy records it).
+        A first prefill chunk that records no statistics runs causal SDPA without a mask (FlashAttention on CUDA).
         """
         B, H, T, D = q.shape
         KV = k.shape[1]
         write = self.write_slot[layer]  # (B, KV, T), -1 for padding
         new = write >= 0
-        rows = self._rows(self.table[layer], write.clamp(min=0))[new]
-        self.pool.rows("k").index_copy_(0, rows, k[new])
-        self.pool.rows("v").index_copy_(0, rows, v[new])
         if self.observe.slot_value is not None:
             b, h, _ = new.nonzero(as_tuple=True)
             self.slot_value[layer][b, h, write[new]] = self.observe.slot_value(layer, x)[new].to(self.slot_value.dtype)
         dms = self.observe.dms_window is not None
-        if T == 1 and kernels.use_triton(q) and self.observe.window is None and self.args.sliding_window is None and not dms:
-            return self._decode_kernel(layer, q)
+        kernel = kernels.use_triton(q) and rope is not None and self.args.sliding_window is None and not dms
+        if kernel and T == 1 and self.observe.window is None:
+            return self._decode_kernel(layer, q, k, v, rope)
+        if rope is not None:
+            q, k = rope.apply(q), rope.apply(k)
+        rows = self._rows(self.table[layer], write.clamp(min=0))[new]
+        self.pool.rows("k").index_copy_(0, rows, k[new])
+        self.pool.rows("v").index_copy_(0, rows, v[new])
+        if kernel and not self.observe.mass and self.observe.window is None and self.unpadded_first_chunk:
+            return attend(q, k, v)  # causal over the chunk itself, nothing to record
         if not self.past_len[layer].any():  # nothing held before: the chunk attends to itself, as in the dense cache
             keys, values, key_slot = k, v, write
             if dms:  # decisions differ by layer and head
@@ -241,9 +256,14 @@ class PagedKVCache:
         self._observe(layer, q, keys, visible, key_slot)
         return out
 
-    def _decode_kernel(self, layer: int, q):
-        """One query per row through the Triton paged decode attention, which also returns the mass each slot got."""
-        out, mass = kernels.paged_decode_attention(q[:, :, 0], self.pool.k, self.pool.v, self.table[layer],
+    def _decode_kernel(self, layer: int, q, k, v, rope):
+        """One token per row, q: (B, H, 1, D) and k, v: (B, KV, 1, D) unrotated: the fused RoPE + page write, then the
+        paged decode attention, which also returns the mass each slot got when the policy records it."""
+        write = self.write_slot[layer]  # (B, KV, 1), -1 for a padded row
+        rows = torch.where(write >= 0, self._rows(self.table[layer], write.clamp(min=0)), -1)[..., 0]  # (B, KV)
+        q = kernels.rope_cache_write(q[:, :, 0], k[:, :, 0], v[:, :, 0], rope.positions[:, 0], rope.inv_freq,
+                                     self.pool.k, self.pool.v, rows)  # (B, H, D) rotated
+        out, mass = kernels.paged_decode_attention(q, self.pool.k, self.pool.v, self.table[layer],
                                                    self.length[layer], q.shape[-1] ** -0.5, self.observe.mass)
         if mass is not None:
             self.mass[layer] += mass * (self.q_pos >= 0)[:, :, None]  # q_pos (B, 1); a padded row's query counts for nothing

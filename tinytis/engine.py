@@ -103,15 +103,15 @@ def decode_loop(model, cache, logits, next_pos, params, eos_id=None, on_token=No
     t0 = time.perf_counter()
     for step in range(params.max_new_tokens):
         nxt = sample(logits, params, generator)
-        for b in range(B):
+        for b, token in enumerate(nxt.tolist()):  # the step's one read from the device
             if done[b]:
                 continue
-            if nxt[b].item() == eos_id:
+            if token == eos_id:
                 done[b] = True
                 continue
-            tokens[b].append(nxt[b].item())
+            tokens[b].append(token)
             if on_token:
-                on_token(b, nxt[b].item())
+                on_token(b, token)
         if done.all() or step == params.max_new_tokens - 1:
             break
         positions = torch.where(done.to(next_pos.device)[:, None], -1, next_pos)

@@ -123,9 +123,11 @@ class Evaluator:
             rank: int = 0, world: int = 1) -> list[Row] | None:
         """The grid's rows. Under torchrun this rank runs every world-th cell; rank 0 returns all rows (and
         self.timing) in single-process order, the other ranks None."""
-        models = {p: Transformer.from_pretrained(self.policy_models[p]) if p in self.policy_models else self.model
-                  for p in policies}
-        instances = {p: make_policy(p, self.policy_models.get(p, self.model_dir), models[p].args) for p in policies}
+        device = self.model.tok_embeddings.weight.device
+        models = {p: Transformer.from_pretrained(self.policy_models[p], device=device) if p in self.policy_models
+                  else self.model for p in policies}
+        instances = {p: make_policy(p, self.policy_models.get(p, self.model_dir), models[p].args, device)
+                     for p in policies}
         groups = {}
         for p, b in runs(policies, budgets, [p for p in policies if not instances[p].budgeted]):
             groups.setdefault((instances[p].needs, self.policy_models.get(p)), []).append((p, b))
@@ -217,8 +219,9 @@ class Evaluator:
         """Teacher-forced logits over each continuation, at the positions that predict its next token.
         The continuation goes into state's cache, so state is used up (pass a fork); its pages are freed."""
         T = max(len(c) for c in conts)
-        ids = torch.tensor([c + [self.tok.eos_id] * (T - len(c)) for c in conts])
-        positions = state.next_pos + torch.arange(T)[None]
+        device = state.next_pos.device
+        ids = torch.tensor([c + [self.tok.eos_id] * (T - len(c)) for c in conts], device=device)
+        positions = state.next_pos + torch.arange(T, device=device)[None]
         logits = model(ids, positions, state.cache)
         state.free()
         return [logits[b, : len(c) - 1] for b, c in enumerate(conts)]
@@ -229,7 +232,7 @@ def fidelity_metrics(full: list, evicted: list, conts) -> dict:
     ppl(evicted) / ppl(full) - 1 of the continuation's tokens."""
     metrics = {"kl": [], "top1": [], "ppl_delta": []}
     for f, e, cont in zip(full, evicted, conts):
-        target = torch.tensor(cont[1:])[:, None]
+        target = torch.tensor(cont[1:], device=f.device)[:, None]
         log_p, log_q = torch.log_softmax(f, -1), torch.log_softmax(e, -1)
         metrics["kl"].append((log_p.exp() * (log_p - log_q)).sum(-1).mean().item())
         metrics["top1"].append((f.argmax(-1) == e.argmax(-1)).float().mean().item())

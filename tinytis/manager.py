@@ -85,10 +85,10 @@ class CacheManager:
         if self.config.decode_budget is not None:
             self.decode_budget = self._budgets(self.config.decode_budget, context_lengths)
         window = reference_lengths if needs.reference else [needs.window] * len(context_lengths) if needs.window else None
-        cache.observe = Observe(mass=needs.mass, window=None if window is None else torch.tensor(window),
+        device = cache.length.device
+        cache.observe = Observe(mass=needs.mass, window=None if window is None else torch.tensor(window, device=device),
                                 dms_window=needs.dms_window,
                                 slot_value=needs.slot_value)
-        device = cache.length.device
         dim = self.args.dim
         self.tokens = [
             TokenStore(torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.long, device=device),
@@ -140,7 +140,7 @@ class CacheManager:
     def after_prefill(self, cache):
         """The whole context is in: drop the reference answer if there is one, and evict to the budget."""
         if self.policy.needs.reference:
-            cache.truncate(torch.tensor(self.lengths))
+            cache.truncate(torch.tensor(self.lengths, device=cache.length.device))
             cache.observe = cache.observe.per_slot()  # keep the answer's attention as the scores
             self.last_pos = torch.tensor(self.lengths) - 1
             self._prune(cache)
@@ -204,7 +204,7 @@ class CacheManager:
         needs, store = self.policy.needs, self.tokens[b]
         return ScoreContext(
             positions=cache.pos[:, b, :, :n],
-            budget=budget,
+            budget=budget.to(cache.length.device),
             last_pos=int(self.last_pos[b]),
             token_pos=store.pos,
             token_ids=store.ids,

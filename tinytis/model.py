@@ -40,11 +40,18 @@ def llama3_inv_freq(inv_freq, factor, low_freq_factor, high_freq_factor, origina
     return torch.where(wavelen < original_max_position_embeddings / high_freq_factor, inv_freq, stretched)
 
 
+def rope_inv_freq(head_dim: int, theta: float, device=None, scaling: dict | None = None) -> torch.Tensor:
+    """RoPE frequencies (head_dim / 2,) fp32: theta^(-2i / head_dim); scaling: llama3's."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    return inv_freq if scaling is None else llama3_inv_freq(inv_freq, **scaling)
+
+
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype, scaling: dict | None = None):
     """cos and sin for RoPE on halves at integer positions (B, T) -> (B, 1, T, head_dim) each; scaling: llama3's."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    if scaling is not None:
-        inv_freq = llama3_inv_freq(inv_freq, **scaling)
+    return _cos_sin(positions, rope_inv_freq(head_dim, theta, positions.device, scaling), dtype)
+
+
+def _cos_sin(positions, inv_freq, dtype):
     freqs = positions.clamp(min=0).float()[..., None] * inv_freq  # (B, T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -54,6 +61,22 @@ def apply_rope(x, cos, sin):
     """Rotate x: (B, H, T, D) by pairs (i, i + D/2)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Rope:
+    """The rotation of one forward chunk, computed once and shared by its layers.
+
+    positions (B, T) true positions (-1 for padding); inv_freq (D/2,) fp32; cos, sin (B, 1, T, D) in the model's
+    dtype. A cache that stores keys in pages gets q and k unrotated with this, so that on the kernel path it can
+    rotate and write them in one fused kernel (kernels.rope_cache_write); elsewhere it calls apply.
+    """
+
+    def __init__(self, positions, inv_freq, dtype):
+        self.positions, self.inv_freq = positions, inv_freq
+        self.cos, self.sin = _cos_sin(positions, inv_freq, dtype)
+
+    def apply(self, x):
+        return apply_rope(x, self.cos, self.sin)
 
 
 def attention_mask(q_pos, k_pos, sliding_window: int | None, dtype=torch.float32):
@@ -99,7 +122,7 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(d, args.norm_eps), RMSNorm(d, args.norm_eps)
         self.dms = None  # a DMSConfig: a query channel carries the eviction logits (tinytis.dms)
 
-    def forward(self, x, cos, sin, cache=None, mask=None, key_bias=None):
+    def forward(self, x, rope: Rope, cache=None, mask=None, key_bias=None):
         B, T, _ = x.shape
         d = self.args.head_dim
         # q: (B, H, T, D); k, v: (B, KV, T, D)
@@ -108,9 +131,12 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.args.n_kv_heads, d).transpose(1, 2)
         if self.args.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        if getattr(cache, "takes_rope", False) and self.dms is None:  # PagedKVCache: rotates q, k itself
+            out = cache.attend(self.layer_id, q, k, v, x, rope)
+            return self.wo(out.transpose(1, 2).reshape(B, T, -1))
         if self.dms is not None:
             q, evict_logits = self.dms.borrow(q, self.args.n_kv_heads)  # (B, KV, T)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = rope.apply(q), rope.apply(k)
         if self.dms is not None:
             q = self.dms.zero(q, self.args.n_kv_heads)  # RoPE rotated the channel's pair into it
             if cache is not None:
@@ -141,8 +167,8 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, cache=None, mask=None, key_bias=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, mask, key_bias)
+    def forward(self, x, rope, cache=None, mask=None, key_bias=None):
+        h = x + self.attention(self.attention_norm(x), rope, cache, mask, key_bias)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -184,9 +210,10 @@ class Transformer(nn.Module):
             mask = attention_mask(positions, positions, self.args.sliding_window, x.dtype)
         if cache is not None:
             cache.begin_forward(positions)
-        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, x.dtype, self.args.rope_scaling)
+        a = self.args
+        rope = Rope(positions, rope_inv_freq(a.head_dim, a.rope_theta, ids.device, a.rope_scaling), x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, mask, key_bias)
+            x = layer(x, rope, cache, mask, key_bias)
         return self.norm(x)
 
     def logits(self, h):
@@ -196,11 +223,11 @@ class Transformer(nn.Module):
         return self.logits(self.hidden_states(ids, positions, cache, key_bias))
 
     @classmethod
-    def from_pretrained(cls, path: Path, dtype=torch.float32, quant: str | None = None) -> "Transformer":
-        """Build the model on the meta device and fill it one checkpoint tensor at a time.
+    def from_pretrained(cls, path: Path, dtype=torch.float32, quant: str | None = None, device="cpu") -> "Transformer":
+        """Build the model on the meta device and fill it one checkpoint tensor at a time, each moved to device.
 
-        quant="nf4" quantizes the Linear layers of the blocks as their weights arrive, so loading holds
-        the NF4 model plus one dense tensor. Weights saved in NF4 by transformers + bitsandbytes load as NF4.
+        quant="nf4" quantizes the Linear layers of the blocks as their weights arrive (on device), so loading
+        holds the NF4 model plus one dense tensor. Weights saved in NF4 by transformers + bitsandbytes load as NF4.
         """
         if quant not in (None, "nf4"):
             raise UserError(f"quant={quant!r}: tinytis quantizes to 'nf4' only")
@@ -212,6 +239,7 @@ class Transformer(nn.Module):
         quantized = nf4.block_linear_names(model) if quant == "nf4" else set()
         loaded = set()
         for name, tensor in checkpoint.tensors(args, dtype):
+            tensor = tensor.to(device)
             if name == "output.weight" and args.tie_embeddings:
                 continue  # tied to tok_embeddings below
             if name not in expected:

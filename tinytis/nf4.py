@@ -72,6 +72,11 @@ class NF4Weight:
         tensors = [self.packed, self.absmax, self.nested_absmax, self.offset]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
+    def to(self, device) -> "NF4Weight":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return NF4Weight(move(self.packed), move(self.absmax), self.shape, self.dtype, move(self.nested_absmax),
+                         move(self.offset))
+
     @classmethod
     def from_bnb(cls, tensors: dict, name: str = "weight") -> "NF4Weight":
         """Read the tensors transformers + bitsandbytes saved for one weight, keyed by suffix ('' for the weight itself)."""

@@ -26,17 +26,17 @@ POLICIES = {
 }
 
 
-def make_policy(name: str, model_dir=None, args=None) -> Policy:
-    """A policy by name; one with trained components (tis, dms, trimkv) loads them from model_dir for a model of shape args.
-    'tis=FILE' loads the components from FILE instead (an ablation's, say)."""
+def make_policy(name: str, model_dir=None, args=None, device="cpu") -> Policy:
+    """A policy by name; one with trained components (tis, dms, trimkv) loads them from model_dir for a model of shape args,
+    onto device. 'tis=FILE' loads the components from FILE instead (an ablation's, say)."""
     base, _, components = name.partition("=")
     if base not in POLICIES:
         raise UserError(f"unknown policy {base!r}; choose one of {', '.join(POLICIES)}")
     if components:
         if base != "tis":
             raise UserError(f"policy {name!r}: only tis takes a components file (tis=FILE)")
-        return TISPolicy.from_file(Path(components), args)
-    return POLICIES[base].for_model(model_dir, args)
+        return TISPolicy.from_file(Path(components), args).to(device)
+    return POLICIES[base].for_model(model_dir, args).to(device)
 
 
 __all__ = ["POLICIES", "make_policy", "Needs", "Policy", "ScoreContext", "TISPolicy", "TrimKVPolicy"]

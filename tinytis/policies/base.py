@@ -65,5 +65,9 @@ class Policy:
         """The policy for the model in model_dir (shape args); learned policies load their trained parts from there."""
         return cls()
 
+    def to(self, device) -> "Policy":
+        """Move what the policy computes with (trained components) to device; the rest follows the cache."""
+        return self
+
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         raise NotImplementedError

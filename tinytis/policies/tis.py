@@ -26,6 +26,10 @@ class TISPolicy(Policy):
     def from_file(cls, path: Path, args) -> "TISPolicy":
         return cls(TIS.load(path, args))
 
+    def to(self, device) -> "TISPolicy":
+        self.tis.to(device)
+        return self
+
     @torch.no_grad()
     def score(self, ctx):
         token_scores = self.tis(ctx.hidden[None], ctx.token_ids[None])[0]  # (L, KV, N): one per held token

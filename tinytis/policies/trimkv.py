@@ -16,5 +16,9 @@ class TrimKVPolicy(Policy):
             raise UserError("policy trimkv loads its retention gates from the model directory; give the model")
         return cls(RetentionGates.load(model_dir, args))
 
+    def to(self, device) -> "TrimKVPolicy":
+        self.gates.to(device)
+        return self
+
     def score(self, ctx):
         return (ctx.last_pos + 1 - ctx.positions) * ctx.slot_value  # (L, KV, S): log alpha of each slot
