@@ -97,7 +97,14 @@ def hf_nf4(path, double_quant):
     pytest.importorskip("accelerate")  # transformers' bitsandbytes integration needs it
     config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                              bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)
-    return transformers.MistralForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32).eval()
+    model = transformers.MistralForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32).eval()
+    # On a CPU with AVX512-BF16, bitsandbytes' Linear4bit (>= 0.49) repacks its weight at the first eval forward
+    # and runs a fused bf16 kernel (activations and absmax rounded to bf16), ignoring compute_dtype=float32.
+    # Turn that off so it takes its dequantize + fp32 matmul path: the fp32 oracle this test compares against.
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 IDS = torch.randint(0, ARGS.vocab_size, (2, 19), generator=torch.Generator().manual_seed(0))
