@@ -78,8 +78,8 @@ def naive_scores(name, args, q, k, l, b, h, n, seq_len, budget):
     if name == "h2o":
         mass = np.mean([probs(q, k, l, b, qh, h, n).sum(0) for qh in heads], axis=0)
         return [math.inf if j > n - 1 - budget // 2 else mass[j] for j in range(n)]
-    if name == "tova":
-        return np.mean([probs(q, k, l, b, qh, h, n)[n - 1] for qh in heads], axis=0)
+    if name == "tova":  # the paper: the latest query's attention, averaged over every query head of the layer
+        return np.mean([probs(q, k, l, b, qh, qh // G, n)[n - 1] for qh in range(args.n_heads)], axis=0)
     if name == "snapkv":
         pooled = []
         for qh in heads:
@@ -110,6 +110,14 @@ def test_kept_set_matches_naive_reference(name, shape, budget):
         scores = naive_scores(name, args, q, k, l, b, h, n, seqs[b], kb)
         assert got == select(scores, n, kb), (l, b, h)
         assert len(got) == kb
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"H{s[0]}KV{s[1]}")
+def test_tova_keeps_one_set_per_layer(shape):
+    """Every KV head of a layer keeps the same tokens (TOVA scores a token once per layer)."""
+    _, _, _, _, kept = run(make_policy("tova"), shape, 0.3)
+    for (l, b, h), got in kept.items():
+        assert got == kept[l, b, 0], (l, b, h)
 
 
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: f"H{s[0]}KV{s[1]}")
