@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tinytis.anchors import Anchors
 from tinytis.cache import PagedKVCache, PagePool
 from tinytis.config import ModelArgs
 from tinytis.engine import left_pad
@@ -65,9 +66,11 @@ def probs(q, k, l, b, qh, kv, n):
 
 
 def select(scores, n, k):
-    """The k positions kept out of 0..n-1: anchors first, then by score (a policy's +inf below anchors), ties to
-    the earlier position."""
-    anchor = lambda j: j < N_SINK or j > n - 1 - N_RECENT
+    """The k positions kept out of 0..n-1: anchors first (sinks, then the newest, at most a quarter of k), then by
+    score (a policy's +inf below anchors), ties to the earlier position."""
+    sinks = min(N_SINK, k // 4)
+    recent = min(N_RECENT, k // 4 - sinks)
+    anchor = lambda j: j < sinks or j > n - 1 - recent
     order = sorted(range(n), key=lambda j: (not anchor(j), -min(scores[j], FMAX), j))
     return set(order[:k])
 
@@ -143,14 +146,15 @@ def test_full_keeps_everything():
 class OldestFirst(Policy):
     """Prefers the oldest tokens and carries its own anchors, as a learned policy does from its training."""
 
-    anchors = (1, 5)
+    anchors = Anchors(1, 5, max_share=0.5)
 
     def score(self, ctx):
         return -ctx.positions.double()
 
 
 def test_a_policy_with_its_own_anchors_is_evicted_with_them():
-    """The manager's anchors here are 2 sinks and 3 recent; the policy's 1 and 5 win."""
+    """The manager's anchors here are 2 sinks and 3 recent within a quarter of the budget; the policy's 1 and 5
+    within half of it win (a quarter of 20 would leave 4 recent)."""
     shape = SHAPES[0]
     _, _, _, _, kept = run(OldestFirst(), shape, 20)
     for (l, b, h), got in kept.items():
