@@ -141,7 +141,8 @@ def plot_peers(rows, path: Path):
     summary = {k: v[0] for k, v in summarize(rows).items() if k[2] == ("kl" if k[0] == "fidelity" else "em")}
     panels = sorted({k[:3] for k in summary})
     families = [f for f in FAMILIES if any(k[6] == f for k in summary)]
-    fig, axes = plt.subplots(len(families), len(panels), figsize=(4.2 * len(panels), 3.6 * len(families)), squeeze=False)
+    fig, axes = plt.subplots(len(families), len(panels), figsize=(4.2 * len(panels), 3.6 * len(families)), squeeze=False,
+                             gridspec_kw={"hspace": 0.3})
     policies = sorted({k[3] for k in summary if k[3] not in ("full", "transformers")})
     colors = {p: plt.get_cmap("tab20")(i % 20) for i, p in enumerate(policies)} | {"tis": "crimson"}
     budgets = sorted({k[4] for k in summary if k[3] in policies})  # the full cache is a line, not a point
@@ -159,7 +160,8 @@ def plot_peers(rows, path: Path):
             ax.set_xscale("log")
             ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
             ax.minorticks_off()
-            ax.set_xlabel("budget (fraction of the context kept)")
+            if family == families[-1]:
+                ax.set_xlabel("budget (fraction of the context kept)")
             if metric == "kl":
                 ax.set_yscale("log")
                 ax.set_ylabel("KL(full || evicted), nats/token (lower is better)")
