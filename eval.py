@@ -2,6 +2,7 @@
 
     python eval.py niah                      # every policy, budgets 0.05/0.1/0.25/0.5/0.75/1.0, query-agnostic
     python eval.py multiq                    # four questions after one context; the budget is held while decoding
+    python eval.py niah --family ood         # only the held-out prompt family (default: both, side by side)
     python eval.py all --n-samples 100 --setting both --output docs/results.csv --plot docs/plots
     torchrun --nproc_per_node 2 eval.py niah   # the grid sharded over 2 processes, one CSV from rank 0
 

@@ -15,7 +15,7 @@ from tinytis.cache import PagedKVCache, PagePool
 from tinytis.config import ModelArgs
 from tinytis.engine import left_pad
 from tinytis.manager import CacheManager, ManagerConfig
-from tinytis.policies import POLICIES, Needs, Policy, make_policy
+from tinytis.policies import POLICIES, Needs, Policy, ScoreContext, make_policy
 
 N_SINK, N_RECENT = 2, 3
 FMAX = np.finfo(np.float64).max
@@ -121,6 +121,18 @@ def test_tova_keeps_one_set_per_layer(shape):
     _, _, _, _, kept = run(make_policy("tova"), shape, 0.3)
     for (l, b, h), got in kept.items():
         assert got == kept[l, b, 0], (l, b, h)
+
+
+def test_tova_averages_by_token_when_heads_hold_different_tokens():
+    """After a head-adaptive eviction the heads of a layer hold different tokens: a token's score is the attention
+    the layer's 4 query heads gave it, a head that no longer holds it counting 0."""
+    positions = torch.tensor([[[0, 1, 2], [0, 2, -1]]])  # (L=1, KV=2, S=3)
+    window = torch.arange(1.0, 13.0, dtype=torch.float64).view(1, 2, 3, 2)  # (L, KV, S, G=2)
+    ctx = ScoreContext(positions, torch.tensor([2]), 2, torch.tensor([0, 1, 2]), torch.tensor([5, 6, 7]), window=window)
+    token = {0: (1 + 2 + 7 + 8) / 4, 1: (3 + 4) / 4, 2: (5 + 6 + 9 + 10) / 4}
+    scores = make_policy("tova").score(ctx)
+    assert scores[0, 0].tolist() == [token[0], token[1], token[2]]
+    assert scores[0, 1, :2].tolist() == [token[0], token[2]]
 
 
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: f"H{s[0]}KV{s[1]}")
