@@ -11,7 +11,7 @@ rank tokens within each (layer, KV head); the cache manager keeps the top ones p
 
 Saved as tis_components.pt = {'importance_embedding': state_dict, 'importance_head': state_dict,
 'attn_hook_lambda': float, 'meta': {...}}, the layout of the TIS model cards. meta['anchors'] =
-{'n_sink', 'n_recent', 'max_share'}: the anchors the head was trained with (tinytis.policies.Anchors), which
+{'n_sink', 'n_recent', 'max_share'}: the anchors the head was trained with (tinytis.anchors.Anchors), which
 evaluation applies too; a file from before the share rule has no 'max_share' and is read with 1.0 (its anchors
 took what the budget allowed, as when it was trained).
 """
