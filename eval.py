@@ -2,6 +2,7 @@
 
     python eval.py niah                      # every policy, budgets 0.05/0.1/0.25/0.5/0.75/1.0, query-agnostic
     python eval.py multiq                    # four questions after one context; the budget is held while decoding
+    python eval.py niah --family ood         # only the held-out prompt family (default: both, side by side)
     python eval.py all --n-samples 100 --setting both --output docs/results.csv --plot docs/plots
     torchrun --nproc_per_node 2 eval.py niah   # the grid sharded over 2 processes, one CSV from rank 0
 
@@ -15,9 +16,10 @@ import torch
 from tinytis import shard
 from tinytis.device import add_device_flag, resolve_device
 from tinytis.errors import ArgumentParser, UserError, comma_list, run_cli
-from tinytis.evaluate import TASKS, Evaluator, format_summary, plot, read_csv, write_csv, write_timing
+from tinytis.evaluate import FAMILIES, TASKS, Evaluator, format_summary, read_csv, write_csv, write_timing
 from tinytis.manager import check_budget
 from tinytis.model import Transformer
+from tinytis.plots import plot
 from tinytis.policies import POLICIES
 from tinytis.tokenizer import Tokenizer
 from tinytis.weights import resolve_model_dir
@@ -54,6 +56,9 @@ def main():
     parser.add_argument("--n-samples", "--n_samples", type=int, default=4, help="samples per cell")
     parser.add_argument("--setting", choices=("agnostic", "aware", "both"), default="agnostic",
                         help="compress the context before the question (agnostic) or with it (aware)")
+    parser.add_argument("--family", choices=FAMILIES + ("both",), default="both",
+                        help="prompts of the training distribution (id), the held-out prompt family (ood), or both "
+                             "side by side")
     parser.add_argument("--output", default="results.csv", help="CSV to write (timings go beside it)")
     parser.add_argument("--plot", default=None, help="directory for heatmaps and budget curves (PNG)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model directory or cached hub id")
@@ -113,7 +118,9 @@ def main():
     settings = ["agnostic", "aware"] if args.setting == "both" else [args.setting]
     evaluator = Evaluator(model, Tokenizer.from_dir(model_dir), model_dir, args.batch_size, args.seed, policy_models)
     rank, world = shard.init()
-    rows = evaluator.run(tasks, policies, budgets, settings, lengths, depths, litm_docs, args.n_samples, rank, world)
+    families = FAMILIES if args.family == "both" else (args.family,)
+    rows = evaluator.run(tasks, policies, budgets, settings, lengths, depths, litm_docs, args.n_samples, rank, world,
+                         families)
     shard.close(world)
     if rank != 0:
         return

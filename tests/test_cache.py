@@ -178,7 +178,7 @@ def replay_dense(model, forwards):
 
 MODES = {  # mode -> budget, manager options
     "oneshot": (0.4, dict()),
-    "tiny": (0.12, dict()),  # below the anchors in the shorter rows: only sinks and newest are left
+    "tiny": (0.12, dict()),  # 8 to 11 tokens: the anchors get 2
     "chunked": (40, dict(prefill_chunk=24)),
     "decode": (0.4, dict(decode_budget=0.3, decode_buffer=3)),
     "ada-pyramid": (0.4, dict(head_adaptive=True, schedule="pyramid")),
@@ -218,10 +218,10 @@ def code(layer, b, h, pos):
 class Sequences:
     """Rows of one cache with a manager, fed by hand: tokens, evictions at a budget, frees."""
 
-    def __init__(self, pool, B, n_sink, n_recent, head_adaptive):
+    def __init__(self, pool, B, n_sink, n_recent, share, head_adaptive):
         self.cache = PagedKVCache(SMALL, B, pool)
         self.manager = CacheManager(SMALL, Random(seed=B), ManagerConfig(1.0, n_sink=n_sink, n_recent=n_recent,
-                                                                          head_adaptive=head_adaptive))
+                                                                          anchor_share=share, head_adaptive=head_adaptive))
         self.manager.start(self.cache, [1] * B)
         self.next = [0] * B
 
@@ -285,10 +285,11 @@ op = st.one_of(
 
 @settings(max_examples=60, deadline=None)
 @given(ops=st.lists(op, min_size=1, max_size=14), n_sink=st.integers(0, 2), n_recent=st.integers(0, 3),
-       head_adaptive=st.booleans(), page_size=st.sampled_from([1, 2, 4]))
-def test_pool_invariants_under_random_operations(ops, n_sink, n_recent, head_adaptive, page_size):
+       share=st.sampled_from([0.0, 0.25, 0.5, 1.0]), head_adaptive=st.booleans(), page_size=st.sampled_from([1, 2, 4]))
+def test_pool_invariants_under_random_operations(ops, n_sink, n_recent, share, head_adaptive, page_size):
     pool = PagePool(SMALL.head_dim, page_size, 3)
-    groups = [Sequences(pool, 3, n_sink, n_recent, head_adaptive), Sequences(pool, 2, n_sink, n_recent, head_adaptive)]
+    groups = [Sequences(pool, 3, n_sink, n_recent, share, head_adaptive),
+              Sequences(pool, 2, n_sink, n_recent, share, head_adaptive)]
     for kind, which, arg in ops:
         seqs = groups[which]
         B = seqs.cache.length.shape[1]
@@ -298,13 +299,13 @@ def test_pool_invariants_under_random_operations(ops, n_sink, n_recent, head_ada
         elif kind == "free":
             seqs.free(arg % B)
         else:
-            k = max(1, n_sink + n_recent + arg)  # may be below the anchors: then the sinks, then the newest
+            k = max(1, n_sink + n_recent + arg)  # the anchors get at most share * k: the sinks, then the newest
             budget = torch.full((SMALL.n_layers, B), k)
             before, last = held(seqs.cache), seqs.manager.last_pos.clone()
             seqs.manager.evict(seqs.cache, budget)
             after = held(seqs.cache)
-            sinks = min(n_sink, k)
-            recent = min(n_recent, k - sinks)
+            sinks = min(n_sink, int(share * k))
+            recent = min(n_recent, int(share * k) - sinks)
             for (l, b, h), pos in after.items():
                 assert set(pos) <= set(before[l, b, h]), "eviction added a token"
                 anchors = {p for p in before[l, b, h] if p < sinks or p > last[b] - recent}
@@ -325,7 +326,7 @@ def test_pool_invariants_under_random_operations(ops, n_sink, n_recent, head_ada
 
 def test_fork_copies_pages_and_shares_the_pool():
     pool = PagePool(SMALL.head_dim, 2, 2)
-    seqs = Sequences(pool, 2, 1, 1, False)
+    seqs = Sequences(pool, 2, 1, 1, 0.25, False)
     seqs.append([5, 3])
     other = seqs.cache.fork()
     check_pool(pool, [seqs.cache, other])

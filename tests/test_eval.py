@@ -23,11 +23,28 @@ def test_same_command_twice_gives_an_identical_csv(tmp_path):
     a, b = (tmp_path / "a.csv").read_text(), (tmp_path / "b.csv").read_text()
     assert a == b
     header, *rows = a.splitlines()
-    assert header.split(",")[:9] == ["task", "variant", "policy", "budget", "setting", "length", "depth", "metric", "n"]
-    assert len(rows) == 3 * 4  # 3 variants x (full at 1.0 + tis, h2o, oracle at 0.25)
+    assert header.split(",")[:10] == ["task", "variant", "family", "policy", "budget", "setting", "length", "depth",
+                                      "metric", "n"]
+    assert len(rows) == 3 * 2 * 4  # 3 variants x 2 prompt families x (full at 1.0 + tis, h2o, oracle at 0.25)
+    assert sorted({row.split(",")[2] for row in rows}) == ["id", "ood"]
     assert (tmp_path / "a.timing.csv").exists()
     report = run_eval("--report", str(tmp_path / "a.csv"))
     assert report.returncode == 0 and "| tis |" in report.stdout
+    assert "| policy | 0.25 id | 0.25 ood | 1 id | 1 ood |" in report.stdout  # the families side by side
+
+
+def test_one_family_and_a_csv_from_before_the_families(tmp_path):
+    """--family ood writes only held-out rows; a CSV without the family column reads as in-distribution rows."""
+    r = run_eval("niah", "--policies", "full,snapkv", "--budgets", "0.25", "--lengths", "256", "--depths", "0.5",
+                 "--n-samples", "2", "--threads", "1", "--family", "ood", "--output", str(tmp_path / "o.csv"))
+    assert r.returncode == 0, r.stderr
+    header, *rows = (tmp_path / "o.csv").read_text().splitlines()
+    assert {row.split(",")[2] for row in rows} == {"ood"} and "| policy | 0.25 ood | 1 ood |" in r.stdout
+    old = [",".join(c for i, c in enumerate(line.split(",")) if i != 2) for line in [header, *rows]]
+    (tmp_path / "old.csv").write_text("\n".join(old) + "\n")
+    report = run_eval("--report", str(tmp_path / "old.csv"))
+    assert report.returncode == 0, report.stderr
+    assert "| policy | 0.25 | 1 |" in report.stdout
 
 
 def test_torchrun_over_two_processes_gives_the_csv_of_one(tmp_path):

@@ -12,7 +12,8 @@ from tinytis.engine import SamplingParams, answer, decode, prefill
 from tinytis.errors import UserError
 from tinytis.manager import CacheManager, ManagerConfig, top_k
 from tinytis.model import Transformer
-from tinytis.policies import make_policy
+from tinytis.importance import TIS
+from tinytis.policies import Policy, TISPolicy, make_policy
 
 ARGS = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=101, rope_theta=1e4)
 PAGE = 16
@@ -137,12 +138,64 @@ def test_fork_answers_several_questions_from_one_compressed_context():
 
 @pytest.mark.parametrize("budget", [2, 5, 9])
 def test_budget_below_the_anchors_keeps_the_sinks_then_the_newest(budget):
-    state = prefill(tiny_model(), prompts([80]), manager("random", budget))  # anchors: 4 sinks, 8 recent
+    """With a share of 1 the anchors may fill the budget (the rule before the share, kept for older TIS files)."""
+    state = prefill(tiny_model(), prompts([80]), manager("random", budget, anchor_share=1.0))  # 4 sinks, 8 recent
     sinks = min(4, budget)
     kept = set(range(sinks)) | set(range(80 - (budget - sinks), 80))
     for l in range(ARGS.n_layers):
         for h in range(ARGS.n_kv_heads):
             assert set(state.cache.pos[l, 0, h, : state.cache.length[l, 0, h]].tolist()) == kept
+
+
+class Middle(Policy):
+    """Prefers the tokens nearest the middle of a 512-token context."""
+
+    def score(self, ctx):
+        return -(ctx.positions - 255.5).abs().double()
+
+
+def small_budget_kept(policy):
+    """Positions each head keeps from a 512-token context at 5 % (26 tokens) with the default anchors."""
+    state = prefill(tiny_model(), prompts([512]), CacheManager(ARGS, policy, ManagerConfig(0.05)))
+    return [set(state.cache.pos[l, 0, h, : state.cache.length[l, 0, h]].tolist())
+            for l in range(ARGS.n_layers) for h in range(ARGS.n_kv_heads)]
+
+
+def test_small_budget_anchors_take_a_quarter_and_leave_the_rest_to_content():
+    """26 slots: the anchors get floor(26 / 4) = 6 (4 sinks, 2 newest), the policy's 20 best fill the rest."""
+    content = set(range(246, 266))  # the 20 positions nearest 255.5
+    for kept in small_budget_kept(Middle()):
+        assert kept == {0, 1, 2, 3, 510, 511} | content
+
+
+class Recording(Policy):
+    """Another policy, its scores remembered."""
+
+    def __init__(self, inner):
+        self.inner, self.needs, self.anchors, self.scores = inner, inner.needs, inner.anchors, []
+
+    def score(self, ctx):
+        self.scores.append((ctx.positions.clone(), self.inner.score(ctx).double().clone()))
+        return self.scores[-1][1]
+
+
+@pytest.mark.parametrize("policy", ["random", "knorm", "tova", "h2o", "snapkv", "streaming", "tis"])
+def test_small_budget_keeps_content_beyond_the_anchors(policy):
+    """Every policy with anchors (tis with components that record 4 + 16) keeps, at 26 slots, the 4 sinks, the
+    2 newest and the 20 tokens it scores best of the others (its own +inf first, ties to the earlier position)."""
+    if policy == "tis":
+        policy = TISPolicy(TIS(ARGS, meta={"anchors": {"n_sink": 4, "n_recent": 16}}))
+    else:
+        policy = make_policy(policy)
+    recording = Recording(policy)
+    kept = small_budget_kept(recording)
+    (positions, scores), = recording.scores
+    fmax = torch.finfo(torch.float64).max
+    for i, got in enumerate(kept):
+        l, h = divmod(i, ARGS.n_kv_heads)
+        ranked = sorted((p for p in positions[l, h].tolist() if 4 <= p < 510),
+                        key=lambda p: (-min(scores[l, h, p].item(), fmax), p))
+        assert got == {0, 1, 2, 3, 510, 511} | set(ranked[:20]), (l, h)
 
 
 @pytest.mark.parametrize("call,message", [

@@ -105,7 +105,7 @@ def test_multiq_answers_are_one_transcript_decoded_with_a_full_cache():
     model_dir = Path(__file__).parents[1] / "models" / "tiny"
     model, tok = Transformer.from_pretrained(model_dir), Tokenizer.from_dir(model_dir)
     count = lambda s: len(tok.encode(s, bos=False))  # noqa: E731
-    samples = make_samples(CellKey("multiq", "4q", 200, -1.0), 2, 0, count)
+    samples = make_samples(CellKey("multiq", "4q", "id", 200, -1.0), 2, 0, count)
     evaluator = Evaluator(model, tok, model_dir)
     state = prefill(model, [tok.encode(s.context) for s in samples], CacheManager(model.args, make_policy("full"),
                                                                                    ManagerConfig(1.0)))

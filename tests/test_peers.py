@@ -1,4 +1,4 @@
-"""bench.py peers' harness on the transformers side: the full cache answers and scores the continuation as tinytis's
+"""bench.py peers' harness (tinytis/bench/peers.py) on the transformers side: the full cache answers and scores the continuation as tinytis's
 engine does, and a pressed cache fed several tokens per forward equals feeding them one at a time (the oracle of
 kvpress's pipeline), including when a press leaves the layers different lengths (PyramidKV)."""
 import contextlib
@@ -11,7 +11,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import PressedCache, press_answer, press_continuation_logits, random_checkpoint  # noqa: E402
+from bench import random_checkpoint  # noqa: E402
+from tinytis.bench.peers import PressedCache, press_answer, press_continuation_logits  # noqa: E402
 from tinytis.config import ModelArgs  # noqa: E402
 from tinytis.engine import SamplingParams, generate  # noqa: E402
 from tinytis.model import Transformer  # noqa: E402

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from tinytis.anchors import Anchors
 from tinytis.cache import PagedKVCache, PagePool
 from tinytis.config import ModelArgs
 from tinytis.engine import left_pad
 from tinytis.manager import CacheManager, ManagerConfig
-from tinytis.policies import POLICIES, Needs, Policy, make_policy
+from tinytis.policies import POLICIES, Needs, Policy, ScoreContext, make_policy
 
 N_SINK, N_RECENT = 2, 3
 FMAX = np.finfo(np.float64).max
@@ -65,9 +66,11 @@ def probs(q, k, l, b, qh, kv, n):
 
 
 def select(scores, n, k):
-    """The k positions kept out of 0..n-1: anchors first, then by score (a policy's +inf below anchors), ties to
-    the earlier position."""
-    anchor = lambda j: j < N_SINK or j > n - 1 - N_RECENT
+    """The k positions kept out of 0..n-1: anchors first (sinks, then the newest, at most a quarter of k), then by
+    score (a policy's +inf below anchors), ties to the earlier position."""
+    sinks = min(N_SINK, k // 4)
+    recent = min(N_RECENT, k // 4 - sinks)
+    anchor = lambda j: j < sinks or j > n - 1 - recent
     order = sorted(range(n), key=lambda j: (not anchor(j), -min(scores[j], FMAX), j))
     return set(order[:k])
 
@@ -78,8 +81,8 @@ def naive_scores(name, args, q, k, l, b, h, n, seq_len, budget):
     if name == "h2o":
         mass = np.mean([probs(q, k, l, b, qh, h, n).sum(0) for qh in heads], axis=0)
         return [math.inf if j > n - 1 - budget // 2 else mass[j] for j in range(n)]
-    if name == "tova":
-        return np.mean([probs(q, k, l, b, qh, h, n)[n - 1] for qh in heads], axis=0)
+    if name == "tova":  # the paper: the latest query's attention, averaged over every query head of the layer
+        return np.mean([probs(q, k, l, b, qh, qh // G, n)[n - 1] for qh in range(args.n_heads)], axis=0)
     if name == "snapkv":
         pooled = []
         for qh in heads:
@@ -112,6 +115,26 @@ def test_kept_set_matches_naive_reference(name, shape, budget):
         assert len(got) == kb
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"H{s[0]}KV{s[1]}")
+def test_tova_keeps_one_set_per_layer(shape):
+    """Every KV head of a layer keeps the same tokens (TOVA scores a token once per layer)."""
+    _, _, _, _, kept = run(make_policy("tova"), shape, 0.3)
+    for (l, b, h), got in kept.items():
+        assert got == kept[l, b, 0], (l, b, h)
+
+
+def test_tova_averages_by_token_when_heads_hold_different_tokens():
+    """After a head-adaptive eviction the heads of a layer hold different tokens: a token's score is the attention
+    the layer's 4 query heads gave it, a head that no longer holds it counting 0."""
+    positions = torch.tensor([[[0, 1, 2], [0, 2, -1]]])  # (L=1, KV=2, S=3)
+    window = torch.arange(1.0, 13.0, dtype=torch.float64).view(1, 2, 3, 2)  # (L, KV, S, G=2)
+    ctx = ScoreContext(positions, torch.tensor([2]), 2, torch.tensor([0, 1, 2]), torch.tensor([5, 6, 7]), window=window)
+    token = {0: (1 + 2 + 7 + 8) / 4, 1: (3 + 4) / 4, 2: (5 + 6 + 9 + 10) / 4}
+    scores = make_policy("tova").score(ctx)
+    assert scores[0, 0].tolist() == [token[0], token[1], token[2]]
+    assert scores[0, 1, :2].tolist() == [token[0], token[2]]
+
+
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: f"H{s[0]}KV{s[1]}")
 def test_random_is_seeded_uniform(shape):
     args, q, k, seqs, kept = run(POLICIES["random"](seed=7), shape, 0.5)
@@ -135,14 +158,15 @@ def test_full_keeps_everything():
 class OldestFirst(Policy):
     """Prefers the oldest tokens and carries its own anchors, as a learned policy does from its training."""
 
-    anchors = (1, 5)
+    anchors = Anchors(1, 5, max_share=0.5)
 
     def score(self, ctx):
         return -ctx.positions.double()
 
 
 def test_a_policy_with_its_own_anchors_is_evicted_with_them():
-    """The manager's anchors here are 2 sinks and 3 recent; the policy's 1 and 5 win."""
+    """The manager's anchors here are 2 sinks and 3 recent within a quarter of the budget; the policy's 1 and 5
+    within half of it win (a quarter of 20 would leave 4 recent)."""
     shape = SHAPES[0]
     _, _, _, _, kept = run(OldestFirst(), shape, 20)
     for (l, b, h), got in kept.items():

@@ -8,6 +8,7 @@ import torch
 
 import train
 from tests.interrupt import interrupt_then_resume
+from tinytis.anchors import Anchors
 from tinytis.config import ModelArgs
 from tinytis.ert import ContextKV, anchor_mask, soft_keep_log_mask
 from tinytis.errors import UserError
@@ -143,12 +144,24 @@ def test_components_round_trip_and_reject_foreign_files(tmp_path):
     loaded = TIS.load(path, SMALL)
     assert loaded.attn_hook_lambda == 0.5 and loaded.meta["stage"] == "ert"
     assert TISPolicy(loaded).anchors is None  # no anchors recorded: the manager's
-    assert TISPolicy(TIS(SMALL, meta={"anchors": {"n_sink": 0, "n_recent": 7}})).anchors == (0, 7)
+    assert TISPolicy(TIS(SMALL, meta={"anchors": {"n_sink": 0, "n_recent": 7}})).anchors == Anchors(0, 7, 0.25)
     for k, v in tis.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
     other = ModelArgs(**{**SMALL.to_dict(), "dim": 64})
     with pytest.raises(UserError, match="hidden_size"):
         TIS.load(path, other)
+
+
+def test_components_record_their_anchor_share(tmp_path):
+    """New components carry the anchors' share of the budget; a file written before the share rule is read with
+    share 1 (its anchors took what the budget allowed, as when it was trained)."""
+    path = tmp_path / "tis_components.pt"
+    TIS(SMALL, meta={"anchors": {"n_sink": 4, "n_recent": 16}}).save(path)
+    assert TISPolicy(TIS.load(path, SMALL)).anchors == Anchors(4, 16, 0.25)
+    blob = torch.load(path, weights_only=True)
+    blob["meta"]["anchors"] = {"n_sink": 4, "n_recent": 16}
+    torch.save(blob, path)
+    assert TISPolicy(TIS.load(path, SMALL)).anchors == Anchors(4, 16, 1.0)
     torch.save({"importance_head": {}}, tmp_path / "partial.pt")
     with pytest.raises(UserError, match="lacks"):
         TIS.load(tmp_path / "partial.pt", SMALL)

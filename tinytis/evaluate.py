@@ -1,6 +1,8 @@
-"""Evaluation grids: task x policy x budget x setting on held-out samples, scored, written as CSV, plotted.
+"""Evaluation grids: task x policy x budget x setting on held-out samples, scored, written as CSV (tinytis.plots draws them).
 
-A cell is one (task variant, length, depth) of held-out samples, run under one (policy, budget, setting).
+A cell is one (task variant, prompt family, length, depth) of held-out samples, run under one (policy, budget,
+setting). Family "id": the prompts of the training distribution (tinytis.tasks generators, on evaluation seeds);
+"ood": the held-out prompt family (tinytis.tasks.heldout), text no training stage draws.
 Query-agnostic: the context is compressed, then the question is asked. Query-aware: the question is the
 end of the compressed context. The full cache is always a row (policy full, budget 1.0). In multiq, several
 questions follow one context and the cache holds its budget while the answers are decoded.
@@ -21,10 +23,16 @@ from tinytis.errors import UserError
 from tinytis.manager import CacheManager, ManagerConfig
 from tinytis.model import Transformer
 from tinytis.policies import Needs, Policy, make_policy
-from tinytis.tasks import Sample, fidelity, litm, multiq, narrative, niah
+from tinytis.tasks import Sample, fidelity, heldout, litm, multiq, narrative, niah
 from tinytis.tasks.seeds import EVAL_SEEDS
 
 TASKS = ("niah", "litm", "narrative", "fidelity", "multiq")
+FAMILIES = ("id", "ood")  # in-distribution prompts, the held-out prompt family
+GENERATORS = {  # family -> task -> sample generator
+    "id": {"niah": niah.make, "litm": litm.make, "narrative": narrative.make, "multiq": multiq.make, "fidelity": fidelity.make},
+    "ood": {"niah": heldout.niah, "litm": heldout.litm, "narrative": heldout.narrative, "multiq": heldout.multiq,
+            "fidelity": heldout.fidelity},
+}
 MAX_NEW_TOKENS = 16
 
 
@@ -32,6 +40,7 @@ MAX_NEW_TOKENS = 16
 class CellKey:
     task: str
     variant: str
+    family: str  # "id" or "ood" (FAMILIES)
     length: int  # context tokens requested (litm: number of documents)
     depth: float  # where the asked fact sits, 0..1 (litm: gold document / (docs - 1))
 
@@ -40,6 +49,7 @@ class CellKey:
 class Row:
     task: str
     variant: str
+    family: str
     policy: str
     budget: float  # a fraction; token-count budgets are written as floats too
     setting: str
@@ -62,31 +72,31 @@ def git_commit() -> str:
         return "unknown"
 
 
-def cells(task: str, lengths, depths, litm_docs) -> list[CellKey]:
+def cells(task: str, lengths, depths, litm_docs, families=("id",)) -> list[CellKey]:
     if task == "niah":
-        return [CellKey(task, v, L, d) for v in niah.VARIANTS for L in lengths for d in depths]
+        return [CellKey(task, v, f, L, d) for v in niah.VARIANTS for f in families for L in lengths for d in depths]
     if task == "litm":
-        return [CellKey(task, f"{k}docs", k, d) for k in litm_docs for d in depths]
+        return [CellKey(task, f"{k}docs", f, k, d) for f in families for k in litm_docs for d in depths]
     if task == "narrative":
-        return [CellKey(task, "story", L, d) for L in lengths for d in depths]
+        return [CellKey(task, "story", f, L, d) for f in families for L in lengths for d in depths]
     if task == "multiq":
-        return [CellKey(task, f"{multiq.N_QUESTIONS}q", L, -1.0) for L in lengths]
-    return [CellKey(task, "mix", L, -1.0) for L in lengths]
+        return [CellKey(task, f"{multiq.N_QUESTIONS}q", f, L, -1.0) for f in families for L in lengths]
+    return [CellKey(task, "mix", f, L, -1.0) for f in families for L in lengths]
 
 
 def make_samples(cell: CellKey, n: int, seed: int, count) -> list[Sample]:
-    """n held-out samples of a cell; the same (cell, n, seed) always gives the same samples."""
+    """n held-out samples of a cell; the same (cell, n, seed) always gives the same samples (an "ood" cell: the
+    held-out family's prompts on the seeds of its "id" twin)."""
     rng = random.Random(f"{cell.task}/{cell.variant}/{cell.length}/{cell.depth}/{seed}")
     seeds = [rng.randrange(EVAL_SEEDS.start, EVAL_SEEDS.stop) for _ in range(n)]
+    make = GENERATORS[cell.family][cell.task]
     if cell.task == "niah":
-        return [niah.make(cell.variant, s, cell.length, cell.depth, count) for s in seeds]
+        return [make(cell.variant, s, cell.length, cell.depth, count) for s in seeds]
     if cell.task == "litm":
-        return [litm.make(s, cell.length, round(cell.depth * (cell.length - 1))) for s in seeds]
+        return [make(s, cell.length, round(cell.depth * (cell.length - 1))) for s in seeds]
     if cell.task == "narrative":
-        return [narrative.make(s, cell.length, cell.depth, count) for s in seeds]
-    if cell.task == "multiq":
-        return [multiq.make(s, cell.length, count) for s in seeds]
-    return [fidelity.make(s, cell.length, count) for s in seeds]
+        return [make(s, cell.length, cell.depth, count) for s in seeds]
+    return [make(s, cell.length, count) for s in seeds]
 
 
 def score_answer(task: str, prediction: str, reference: str) -> dict:
@@ -120,7 +130,7 @@ class Evaluator:
         self.timing = []  # (task, policy, budget, setting, prompt tokens, prefill s, total s, peak kv bytes)
 
     def run(self, tasks, policies, budgets, settings, lengths, depths, litm_docs, n: int,
-            rank: int = 0, world: int = 1) -> list[Row] | None:
+            rank: int = 0, world: int = 1, families=("id",)) -> list[Row] | None:
         """The grid's rows. Under torchrun this rank runs every world-th cell; rank 0 returns all rows (and
         self.timing) in single-process order, the other ranks None."""
         device = self.model.tok_embeddings.weight.device
@@ -131,7 +141,7 @@ class Evaluator:
         groups = {}
         for p, b in runs(policies, budgets, [p for p in policies if not instances[p].budgeted]):
             groups.setdefault((instances[p].needs, self.policy_models.get(p)), []).append((p, b))
-        jobs = [(c, s) for t in tasks for c in cells(t, lengths, depths, litm_docs) for s in settings]
+        jobs = [(c, s) for t in tasks for c in cells(t, lengths, depths, litm_docs, families) for s in settings]
         rows, timing = {}, {}  # job index -> its rows, its timings
         for j in tqdm(range(rank, len(jobs), world), desc="eval", unit="cell", disable=rank != 0):
             cell, setting = jobs[j]
@@ -146,7 +156,7 @@ class Evaluator:
                     self.run_group(cell.task, batch, setting, needs, [(p, instances[p], b) for p, b in group], scores,
                                    model, full_logits)
             timing[j] = self.timing[start:]
-            rows[j] = [Row(cell.task, cell.variant, policy, budget, setting, cell.length, cell.depth, m, len(v),
+            rows[j] = [Row(cell.task, cell.variant, cell.family, policy, budget, setting, cell.length, cell.depth, m, len(v),
                            sum(v) / len(v), held, full, self.seed, self.commit)
                        for (policy, budget), (metrics, held, full) in scores.items() for m, v in metrics.items()]
         self.timing = shard.merge(timing, rank, world)
@@ -275,104 +285,54 @@ def write_timing(timing, path: Path):
 
 
 def summarize(rows: list[Row]) -> dict:
-    """Mean score per (task, variant, metric, policy, budget, setting) over lengths and depths, weighted by n."""
+    """Mean score per (task, variant, metric, policy, budget, setting, family) over lengths and depths, weighted by n."""
     acc = {}
     for r in rows:
-        a = acc.setdefault((r.task, r.variant, r.metric, r.policy, r.budget, r.setting), [0.0, 0])
+        a = acc.setdefault((r.task, r.variant, r.metric, r.policy, r.budget, r.setting, r.family), [0.0, 0])
         a[0], a[1] = a[0] + r.score * r.n, a[1] + r.n
     return {k: (s / n, n) for k, (s, n) in acc.items()}
 
 
 def read_csv(path: Path) -> list[Row]:
+    """Rows of a results CSV; one written before the prompt families (no family column) holds "id" rows."""
     types = {name: f.type for name, f in Row.__dataclass_fields__.items()}  # str, int or float
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames != list(types):
+        if reader.fieldnames not in (list(types), [k for k in types if k != "family"]):
             raise UserError(f"{path} is not a results CSV written by eval.py (its columns differ)")
-        return [Row(**{k: types[k](v) for k, v in r.items()}) for r in reader]
+        return [Row(**{k: types[k](v) for k, v in {"family": "id", **r}.items()}) for r in reader]
 
 
 def kv_kept(rows: list[Row]) -> dict:
-    """KV bytes held after compression / the full cache's, per (task, variant, setting, policy, budget): a policy
-    that sets its own budget (dms) is compared with the others at this fraction."""
+    """KV bytes held after compression / the full cache's, per (task, variant, setting, policy, budget, family): a
+    policy that sets its own budget (dms) is compared with the others at this fraction."""
     first, acc = {}, {}
     for r in rows:
         if r.metric == first.setdefault((r.task, r.variant), r.metric):  # every metric of a cell holds the same bytes
-            a = acc.setdefault((r.task, r.variant, r.setting, r.policy, r.budget), [0, 0])
+            a = acc.setdefault((r.task, r.variant, r.setting, r.policy, r.budget, r.family), [0, 0])
             a[0], a[1] = a[0] + r.kv_bytes_held, a[1] + r.kv_bytes_full
     return {k: held / full for k, (held, full) in acc.items()}
 
 
 def format_summary(rows: list[Row]) -> str:
-    """Markdown tables, one per (task, variant, metric, setting): a row per policy, a column per budget, n per cell;
-    then one of the KV bytes held per (task, variant, setting)."""
+    """Markdown tables, one per (task, variant, metric, setting): a row per policy, a column per budget and prompt
+    family (in-distribution and held-out side by side), n per cell; then one of the KV bytes held per (task,
+    variant, setting)."""
     tables = {}
-    for (task, variant, metric, policy, budget, setting), value in summarize(rows).items():
-        tables.setdefault((task, variant, metric, setting), {})[(policy, budget)] = value
-    for (task, variant, setting, policy, budget), fraction in kv_kept(rows).items():
-        tables.setdefault((task, variant, "KV bytes held / full cache", setting), {})[(policy, budget)] = (fraction, 0)
+    for (task, variant, metric, policy, budget, setting, family), value in summarize(rows).items():
+        tables.setdefault((task, variant, metric, setting), {})[(policy, budget, family)] = value
+    for (task, variant, setting, policy, budget, family), fraction in kv_kept(rows).items():
+        tables.setdefault((task, variant, "KV bytes held / full cache", setting), {})[(policy, budget, family)] = (fraction, 0)
     out = []
     for (task, variant, metric, setting), cells in sorted(tables.items()):
-        budgets = sorted({b for _, b in cells})
+        families = [f for f in FAMILIES if any(f == c[2] for c in cells)]
+        columns = [(b, f) for b in sorted({c[1] for c in cells}) for f in families]
         n = max(v[1] for v in cells.values())
         out.append(f"\n**{task} {variant}, {metric}, query-{setting}**" + (f" (n = {n} per cell)\n" if n else "\n"))
-        out.append("| policy | " + " | ".join(f"{b:g}" for b in budgets) + " |")
-        out.append("|---|" + "---:|" * len(budgets))
-        for policy in sorted({p for p, _ in cells}, key=lambda p: (p != "full", p)):
-            row = [f"{cells[(policy, b)][0]:.3f}" if (policy, b) in cells else "" for b in budgets]
+        tagged = families != ["id"]  # name the family in each column unless every prompt is in-distribution
+        out.append("| policy | " + " | ".join(f"{b:g}" + (f" {f}" if tagged else "") for b, f in columns) + " |")
+        out.append("|---|" + "---:|" * len(columns))
+        for policy in sorted({c[0] for c in cells}, key=lambda p: (p != "full", p)):
+            row = [f"{cells[(policy, b, f)][0]:.3f}" if (policy, b, f) in cells else "" for b, f in columns]
             out.append(f"| {policy} | " + " | ".join(row) + " |")
     return "\n".join(out)
-
-
-def plot(rows: list[Row], out_dir: Path):
-    """NIAH depth x length heatmaps per variant, policy and budget; score-vs-budget curves per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    niah_rows = [r for r in rows if r.task == "niah"]
-    for variant in sorted({r.variant for r in niah_rows}):
-        for setting in sorted({r.setting for r in niah_rows}):
-            vr = [r for r in niah_rows if r.variant == variant and r.setting == setting]
-            configs = sorted({(r.policy, r.budget) for r in vr}, key=lambda c: (c[0] != "full", c))
-            lengths, depths = sorted({r.length for r in vr}), sorted({r.depth for r in vr})
-            fig, axes = plt.subplots(1, len(configs), figsize=(2.2 * len(configs) + 1, 2.6), squeeze=False)
-            for ax, (policy, budget) in zip(axes[0], configs):
-                grid = torch.full((len(depths), len(lengths)), float("nan"))
-                for r in vr:
-                    if (r.policy, r.budget) == (policy, budget):
-                        grid[depths.index(r.depth), lengths.index(r.length)] = r.score
-                im = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
-                ax.set_title(f"{policy} {budget}", fontsize=8)
-                ax.set_xticks(range(len(lengths)), lengths, fontsize=6)
-                ax.set_yticks(range(len(depths)), depths, fontsize=6)
-            axes[0][0].set_ylabel("depth")
-            fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-            fig.suptitle(f"NIAH {variant} ({setting}): exact match by depth x length", fontsize=9, y=1.06)
-            fig.savefig(out_dir / f"niah_{variant}_{setting}.png", dpi=110, bbox_inches="tight")
-            plt.close(fig)
-    summary, kept = summarize(rows), kv_kept(rows)
-    for task, variant, metric in sorted({k[:3] for k in summary}):
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        series = {k[3:]: v[0] for k, v in summary.items() if k[:3] == (task, variant, metric)}
-        full = [v for (policy, _, _), v in series.items() if policy == "full"]
-        others = sorted({p for p, _, _ in series if p not in ("full", "tis")})
-        palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 3] + list(plt.get_cmap("Dark2").colors)
-        colors = {"tis": "tab:red", **{p: palette[i % len(palette)] for i, p in enumerate(others)}}  # tis in red
-        for policy, setting in sorted({(p, s) for p, _, s in series if p != "full"}):
-            # x: the KV bytes the policy actually held, so policies that set their own budget (dms) line up
-            pts = sorted((kept[(task, variant, s, p, b)], v) for (p, b, s), v in series.items() if (p, s) == (policy, setting))
-            pts += [(1.0, full[0])] * bool(full)
-            ax.plot(*zip(*pts), marker="o", markersize=3, label=f"{policy} ({setting})",
-                    color=colors[policy], linewidth=2.2 if policy == "tis" else 1,
-                    linestyle="-" if setting == "agnostic" else "--")
-        if full:
-            ax.axhline(full[0], color="black", linewidth=0.8, label="full cache")
-        ax.set_xlabel("KV bytes held / full cache (budgets 0.05 ... 1)")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{task} {variant}: {metric} vs KV bytes held", fontsize=9)
-        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside the axes, never over a curve
-        fig.savefig(out_dir / f"budget_{task}_{variant}_{metric}.png", dpi=110, bbox_inches="tight")
-        plt.close(fig)

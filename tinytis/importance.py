@@ -10,7 +10,10 @@ the tokens up to i: scoring a context cannot peek at a question that comes after
 rank tokens within each (layer, KV head); the cache manager keeps the top ones plus the anchors.
 
 Saved as tis_components.pt = {'importance_embedding': state_dict, 'importance_head': state_dict,
-'attn_hook_lambda': float, 'meta': {...}}, the layout of the TIS model cards.
+'attn_hook_lambda': float, 'meta': {...}}, the layout of the TIS model cards. meta['anchors'] =
+{'n_sink', 'n_recent', 'max_share'}: the anchors the head was trained with (tinytis.anchors.Anchors), which
+evaluation applies too; a file from before the share rule has no 'max_share' and is read with 1.0 (its anchors
+took what the budget allowed, as when it was trained).
 """
 import os
 from pathlib import Path
@@ -18,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from tinytis.anchors import ANCHOR_SHARE
 from tinytis.config import ModelArgs
 from tinytis.errors import UserError
 from tinytis.model import RMSNorm
@@ -51,6 +55,8 @@ class TIS(nn.Module):
         self.attn_hook_lambda = attn_hook_lambda
         self.meta = dict(meta or {}, hidden_size=args.dim, vocab_size=args.vocab_size,
                          n_layers=args.n_layers, n_kv_heads=args.n_kv_heads, per_head=per_head)
+        if "anchors" in self.meta:
+            self.meta["anchors"] = {"max_share": ANCHOR_SHARE, **self.meta["anchors"]}
 
     def forward(self, hidden, ids):
         """hidden: (B, T, dim), ids: (B, T) -> scores (B, n_layers, n_kv_heads, T); higher = keep."""
@@ -82,6 +88,8 @@ class TIS(nn.Module):
         if missing:
             raise UserError(f"{path} lacks {sorted(missing)}; it is not a tis_components.pt file")
         meta = blob["meta"]
+        if "anchors" in meta:
+            meta["anchors"] = {"max_share": 1.0, **meta["anchors"]}  # written before the share rule
         expected = {"hidden_size": args.dim, "vocab_size": args.vocab_size, "n_layers": args.n_layers, "n_kv_heads": args.n_kv_heads}
         for key, value in expected.items():
             if meta.get(key) != value:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from tinytis.cache import Observe, PagedKVCache
+from tinytis.anchors import ANCHOR_SHARE, Anchors
 from tinytis.config import ModelArgs
 from tinytis.errors import UserError
 from tinytis.policies import Policy, ScoreContext
@@ -29,8 +30,9 @@ def check_budget(budget, name: str = "budget"):
 @dataclass
 class ManagerConfig:
     budget: float | int  # tokens kept per (layer, KV head): a fraction of the prompt (0 < b <= 1) or a count (> 1)
-    n_sink: int = 4  # the first tokens of a sequence are always kept (within the budget)
-    n_recent: int = 16  # the newest tokens are always kept (within what the budget leaves after the sinks)
+    n_sink: int = 4  # the first tokens of a sequence are always kept (within the anchors' share of the budget)
+    n_recent: int = 16  # the newest tokens are always kept (within what the share leaves after the sinks)
+    anchor_share: float = ANCHOR_SHARE  # sinks + recent take at most this share of each head's budget
     schedule: str = "uniform"  # per-layer budgets: "uniform", or "pyramid" (more in lower layers, same total)
     head_adaptive: bool = False  # one budget per layer, shared across its KV heads by score (AdaKV)
     prefill_chunk: int | None = None  # prefill this many tokens at a time and evict after each chunk
@@ -47,6 +49,8 @@ class ManagerConfig:
             raise UserError(f"unknown budget schedule {self.schedule!r}; choose uniform or pyramid")
         if min(self.n_sink, self.n_recent, self.decode_buffer) < 0:
             raise UserError("n_sink, n_recent and decode_buffer must be >= 0")
+        if not 0 <= self.anchor_share <= 1:
+            raise UserError(f"anchor share must lie in [0, 1], got {self.anchor_share}")
 
 
 @dataclass
@@ -186,12 +190,11 @@ class CacheManager:
         pos = cache.pos[..., :S]
         if self.policy.budgeted:
             k = budget.to(pos.device)[..., None, None]  # (L, B, 1, 1)
-            sinks, recent = self.policy.anchors or (self.config.n_sink, self.config.n_recent)
-            n_sink = k.clamp(max=sinks)  # a budget below the anchors keeps the sinks, then the newest
-            n_recent = (k - n_sink).clamp(max=recent)
-            anchors = (pos >= 0) & ((pos < n_sink) | (pos > self.last_pos.to(pos.device)[None, :, None, None] - n_recent))
+            anchors = self.policy.anchors or Anchors(self.config.n_sink, self.config.n_recent, self.config.anchor_share)
+            n_sink, n_recent = anchors.counts(k)  # (L, B, 1, 1) each
+            pinned = (pos >= 0) & ((pos < n_sink) | (pos > self.last_pos.to(pos.device)[None, :, None, None] - n_recent))
             # anchors rank above everything, even a policy's own +inf (SnapKV's window, H2O's recent half)
-            scores = scores.clamp(max=torch.finfo(scores.dtype).max).masked_fill(anchors, math.inf).masked_fill(pos < 0, -math.inf)
+            scores = scores.clamp(max=torch.finfo(scores.dtype).max).masked_fill(pinned, math.inf).masked_fill(pos < 0, -math.inf)
             keep = top_k(scores, k[..., 0, 0], self.config.head_adaptive)
         else:
             keep = scores > -math.inf

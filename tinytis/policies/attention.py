@@ -1,4 +1,5 @@
 """Policies that score a cached token by the attention it receives: H2O, TOVA, SnapKV."""
+import torch
 import torch.nn.functional as F
 
 from tinytis.policies.base import Needs, Policy
@@ -18,12 +19,19 @@ class H2O(Policy):
 
 
 class TOVA(Policy):
-    """Attention from the latest query, per KV head (mean over its GQA group)."""
+    """TOVA (Oren et al. 2024): attention from the latest query, averaged over all the layer's query heads, so every
+    KV head of a layer scores a token alike and keeps the same tokens (as the paper and kvpress's TOVAPress). A head
+    that no longer holds a token gave it no attention."""
 
     needs = Needs(window=1)
 
     def score(self, ctx):
-        return ctx.window.mean(-1)
+        L, KV, S, G = ctx.window.shape
+        received = ctx.window.sum(-1).masked_fill(~ctx.valid, 0).view(L, KV * S)  # from the G query heads of each KV head
+        token = torch.searchsorted(ctx.token_pos, ctx.positions.clamp(min=0)).view(L, KV * S)  # the held token in each slot
+        token = token.clamp(max=len(ctx.token_pos) - 1)
+        per_token = received.new_zeros(L, len(ctx.token_pos)).scatter_add_(1, token, received) / (KV * G)  # (L, N)
+        return per_token.gather(1, token).view(L, KV, S)
 
 
 class SnapKV(Policy):

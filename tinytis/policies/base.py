@@ -8,6 +8,8 @@ from typing import Callable
 
 import torch
 
+from tinytis.anchors import Anchors
+
 
 @dataclass(frozen=True)
 class Needs:
@@ -57,7 +59,7 @@ class Policy:
 
     needs = Needs()
     evicts = True  # False: the cache is never evicted (the full-cache baseline)
-    anchors: tuple[int, int] | None = None  # (n_sink, n_recent) a learned policy was trained with; None: the manager's
+    anchors: Anchors | None = None  # the anchors a learned policy was trained with; None: the manager's
     budgeted = True  # False: the policy decides itself what goes (score -inf), with no budget and no anchors (dms)
 
     @classmethod

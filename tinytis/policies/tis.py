@@ -3,6 +3,7 @@ from pathlib import Path
 
 import torch
 
+from tinytis.anchors import Anchors
 from tinytis.errors import UserError
 from tinytis.importance import COMPONENTS_FILE, TIS
 from tinytis.policies.base import Needs, Policy
@@ -14,7 +15,7 @@ class TISPolicy(Policy):
     def __init__(self, components: TIS):
         self.tis = components
         anchors = components.meta.get("anchors")
-        self.anchors = (anchors["n_sink"], anchors["n_recent"]) if anchors else None  # evict as in training
+        self.anchors = Anchors(**anchors) if anchors else None  # evict as in training
 
     @classmethod
     def for_model(cls, model_dir, args) -> "TISPolicy":

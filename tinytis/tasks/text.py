@@ -44,13 +44,18 @@ def filler_sentences(rng: random.Random, landmark_share: float):
 
 
 def haystack(rng: random.Random, n_tokens: int, count, facts: list[tuple[float, str]], landmark_share: float) -> str:
-    """Filler of about n_tokens tokens (count(text) -> tokens) with each fact inserted at its depth (0..1).
+    """Filler of about n_tokens tokens (count(text) -> tokens) with each fact inserted at its depth (0..1)."""
+    return place_facts(filler_sentences(rng, landmark_share), n_tokens, count, facts)
+
+
+def place_facts(sentences, n_tokens: int, count, facts: list[tuple[float, str]]) -> str:
+    """Sentences from an endless stream up to about n_tokens tokens, each fact inserted at its depth (0..1).
 
     Sentences are whole words, so the token count of the joined text is the sum of the parts.
     """
     budget = n_tokens - sum(count(f) for _, f in facts)
     filler, used = [], 0
-    for s in filler_sentences(rng, landmark_share):
+    for s in sentences:
         used += count(s)
         if used > budget:
             break

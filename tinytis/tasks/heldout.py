@@ -1,0 +1,91 @@
+"""The held-out prompt family: every evaluation task, written so that no training stage has seen its text.
+
+Other filler (its own words, sentence templates and repeated block), other statements of the facts, an intro
+sentence. The questions and answers are those of the in-distribution tasks, so predictions are scored alike; the
+names, places, objects and colours of the facts are shared with them (they are what is asked). Nothing in
+tinytis/tasks/training.py or tis_mix.py draws from this module (tests/test_heldout.py checks it).
+"""
+import random
+
+from tinytis.tasks import Sample, style
+from tinytis.tasks.style import Style, Templates, mixed_filler
+
+# filler words: none of them is in tinytis/tasks/text.py
+VEHICLES = "boat wagon truck canoe sled carriage barge tram".split()
+PLANTS = "oak pine rose tulip fern maple ivy willow cedar birch".split()
+MATERIALS = "wooden copper marble paper woolen tin".split()
+MOTIONS = "drifts glides leans sways rolls bends fades creaks".split()
+SEASONS = "spring summer autumn winter".split()
+SHADES = "amber crimson pale dusky violet".split()
+PATHS = "lane trail canal ridge dock pier hedgerow orchard".split()
+SKIES = "clouds stars moon dusk dawn".split()
+SOUNDS = "whistle hum rustle echo chime".split()
+
+BLOCK = "Clouds drift over the ridge. The canal is calm today. Leaves fall in autumn. On and on it goes. Round once more."
+
+TEMPLATES = Templates(
+    passkey=("Write this down, the pass key is {k}. Again: {k}.",
+             "Attention please: {k} is today's pass key. Keep {k} in mind.",
+             "The number that opens the vault, the pass key, is {k}."),
+    multikey=("{name} was handed the secret code {code}.",
+              "Note for {name}: your secret code reads {code}.",
+              "The code that {name} keeps secret is {code}."),
+    events=(("{name} walked all the way to the {place}.", "Later that day {name} headed for the {place}."),
+            ("{name} came across a {color} {obj} on the ground.", "Lying there, {name} spotted a {color} {obj}."),
+            ("{name} ran into {friend} at the {place}.", "At the {place}, {name} talked with {friend}.")),
+    doc_fact=("The {obj} of {name} is stored in the {place}.", "{name} always leaves the {obj} inside the {place}."),
+    doc_header="Entry {i}:",
+)
+
+INTROS = ("What follows is a long record; one detail in it will be asked about at the end.",
+          "Below are some notes. Most of them do not matter, but one does.",
+          "Keep reading until the end, since a single line here is worth remembering.")
+
+
+def sentence(rng: random.Random) -> str:
+    """One held-out filler sentence: fact-free, in words the training text never uses."""
+    v, p, m = rng.choice(VEHICLES), rng.choice(PLANTS), rng.choice(MATERIALS)
+    return rng.choice((
+        f"Beside the {p}, an empty {v} {rng.choice(MOTIONS)} slowly.",
+        f"During {rng.choice(SEASONS)} the {p} turns {rng.choice(SHADES)}.",
+        f"A {m} {v} {rng.choice(MOTIONS)} along the {rng.choice(PATHS)}.",
+        f"Under the {rng.choice(SKIES)}, a faint {rng.choice(SOUNDS)} rises from the {rng.choice(PATHS)}.",
+        f"Each {rng.choice(SEASONS)} brings {rng.choice(SHADES)} light to the {rng.choice(PATHS)}.",
+        f"Nobody recalls when the {m} {v} arrived.",
+    ))
+
+
+def make_style(rng: random.Random, block_share: float) -> Style:
+    return Style(TEMPLATES, mixed_filler(rng, BLOCK, sentence, block_share), rng.choice(INTROS))
+
+
+def niah(variant: str, seed: int, length: int, depth: float, count) -> Sample:
+    """passkey (the held-out block repeated), varied (held-out sentences) or multikey (a mix), as tasks.niah."""
+    rng = random.Random(seed)
+    if variant == "multikey":
+        return style.multikey(rng, make_style(rng, 0.3), length, depth, count)
+    return style.passkey(rng, make_style(rng, 1.0 if variant == "passkey" else 0.0), length, depth, count, variant)
+
+
+def narrative(seed: int, length: int, depth: float, count) -> Sample:
+    rng = random.Random(seed)
+    return style.narrative(rng, make_style(rng, 0.0), length, depth, count)
+
+
+def litm(seed: int, n_docs: int, gold: int) -> Sample:
+    rng = random.Random(seed)
+    return style.litm(rng, make_style(rng, 0.0), n_docs, gold)
+
+
+def multiq(seed: int, length: int, count) -> Sample:
+    rng = random.Random(seed)
+    return style.multiq(rng, make_style(rng, 0.3), length, count)
+
+
+def fidelity(seed: int, length: int, count) -> Sample:
+    """A passkey, multi-key or story context at a random depth, its question and answer the continuation."""
+    rng = random.Random(seed)
+    kind, depth = rng.choice(("passkey", "multikey", "narrative")), rng.random()
+    s = narrative(seed, length, depth, count) if kind == "narrative" else niah(kind, seed, length, depth, count)
+    s.task = "fidelity"
+    return s
