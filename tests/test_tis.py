@@ -6,17 +6,17 @@ import random
 import pytest
 import torch
 
-import train
 from tests.interrupt import interrupt_then_resume
 from tinytis.anchors import Anchors
 from tinytis.config import ModelArgs
-from tinytis.ert import ContextKV, anchor_mask, soft_keep_log_mask
+from tinytis.ert import ContextKV, anchor_mask, kl_full_evicted, soft_keep_log_mask
 from tinytis.errors import UserError
 from tinytis.importance import TIS
 from tinytis.model import Transformer
 from tinytis.policies import TISPolicy
 from tinytis.tasks import training
 from tinytis.tokenizer import Tokenizer
+from tinytis.train import tis as stage
 from tinytis.train.base import train_tokenizer
 from tinytis.weights import save_hf
 
@@ -84,14 +84,14 @@ def _batch(model_dir, n=4, length=96, seed=0):
     tok = Tokenizer.from_dir(model_dir)
     count = lambda s: len(tok.encode(s, bos=False))
     rng = random.Random(seed)
-    return train.context_batch(tok, [training.sample(rng, length, count, ["passkey", "multikey"]) for _ in range(n)])
+    return stage.context_batch(tok, [training.sample(rng, length, count, ["passkey", "multikey"]) for _ in range(n)])
 
 
 def test_soft_mask_gives_gradient_to_the_head_and_not_to_the_model(model_dir):
     model = Transformer.from_pretrained(model_dir).requires_grad_(False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tis = TIS(SMALL)
-    align, kl = train.tis_losses(model, tis, _batch(model_dir), budget=0.25, anchors=(2, 4))
+    align, kl = stage.tis_losses(model, tis, _batch(model_dir), budget=0.25, anchors=(2, 4))
     kl.backward()
     assert kl.item() > 0
     assert tis.importance_head.fc2.weight.grad.abs().sum() > 0
@@ -111,7 +111,7 @@ def hard_kl(model, score, batch, budget, anchors):
         log_m = soft_keep_log_mask(score(hidden, ctx_ids, cache.mass), ctx_pos, budget, *anchors)
         cache.key_bias = torch.where(log_m > math.log(0.5), 0.0, float("-inf"))
         evicted = model(cont_ids, cont_pos, cache)
-    return train.kl_full_evicted(full, evicted, cont_mask).item()
+    return kl_full_evicted(full, evicted, cont_mask).item()
 
 
 def test_a_few_ert_steps_lower_the_kl_below_the_attention_oracle(model_dir):
@@ -126,7 +126,7 @@ def test_a_few_ert_steps_lower_the_kl_below_the_attention_oracle(model_dir):
     start = hard_kl(model, learned, batch, 0.25, anchors)
     oracle = hard_kl(model, lambda hidden, ids, mass: mass, batch, 0.25, anchors)
     for _ in range(40):
-        align, kl = train.tis_losses(model, tis, batch, 0.25, anchors)
+        align, kl = stage.tis_losses(model, tis, batch, 0.25, anchors)
         opt.zero_grad()
         (kl + 0.1 * align).backward()
         opt.step()
@@ -179,10 +179,10 @@ def _ert_args(model_dir, run_dir, out, resume=False):
 
 
 def test_resume_gives_the_same_components_as_an_uninterrupted_run(model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "evaluate_tis", lambda *a, **k: 0.0)
-    monkeypatch.setattr(train, "TIS_TOKENS_PER_STEP", 256)
-    train.train_tis(_ert_args(model_dir, tmp_path / "a", tmp_path / "a.pt"))
-    interrupt_then_resume(monkeypatch, train, "tis_losses", 4, train.train_tis,
+    monkeypatch.setattr(stage, "evaluate_tis", lambda *a, **k: 0.0)
+    monkeypatch.setattr(stage, "TIS_TOKENS_PER_STEP", 256)
+    stage.train_tis(_ert_args(model_dir, tmp_path / "a", tmp_path / "a.pt"))
+    interrupt_then_resume(monkeypatch, stage, "tis_losses", 4, stage.train_tis,
                           _ert_args(model_dir, tmp_path / "b", tmp_path / "b.pt"),
                           _ert_args(model_dir, tmp_path / "b", tmp_path / "b.pt", resume=True))
     a, b = TIS.load(tmp_path / "a.pt", SMALL), TIS.load(tmp_path / "b.pt", SMALL)

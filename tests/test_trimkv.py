@@ -222,14 +222,14 @@ def _trimkv_args(model_dir, run_dir, out, resume=False):
 
 def test_trimkv_training_resumes_to_the_same_gates(model_dir, tmp_path, monkeypatch):
     """An interrupted `train.py trimkv --resume` gives bit-identical gates to an uninterrupted run; training moved them."""
-    import train
+    from tinytis.train import trimkv as stage
     from tests.interrupt import interrupt_then_resume
     from tests.test_tis import SMALL
 
-    monkeypatch.setattr(train, "evaluate_eviction", lambda *a, **k: 0.0)
-    monkeypatch.setattr(train, "TIS_TOKENS_PER_STEP", 256)
-    train.train_trimkv(_trimkv_args(model_dir, tmp_path / "a", tmp_path / "a.safetensors"))
-    interrupt_then_resume(monkeypatch, train, "trimkv_losses", 3, train.train_trimkv,
+    monkeypatch.setattr(stage, "evaluate_eviction", lambda *a, **k: 0.0)
+    monkeypatch.setattr(stage, "TIS_TOKENS_PER_STEP", 256)
+    stage.train_trimkv(_trimkv_args(model_dir, tmp_path / "a", tmp_path / "a.safetensors"))
+    interrupt_then_resume(monkeypatch, stage, "trimkv_losses", 3, stage.train_trimkv,
                           _trimkv_args(model_dir, tmp_path / "b", tmp_path / "b.safetensors"),
                           _trimkv_args(model_dir, tmp_path / "b", tmp_path / "b.safetensors", resume=True))
     (tmp_path / "a").joinpath(GATES_FILE).symlink_to(tmp_path / "a.safetensors")

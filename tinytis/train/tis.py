@@ -1,0 +1,134 @@
+"""`train.py oracle` and `train.py ert`: the TIS importance head and embedding on the frozen base model.
+
+The oracle stage supervises the head with the attention mass the question and answer put on each context token
+(a full-context pass); ERT then trains it end to end: KL(full cache || soft-evicted cache) on the continuation, plus
+the alignment term. Only the TIS components get gradients.
+"""
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tinytis.engine import left_pad
+from tinytis.ert import ContextKV, alignment_loss, kl_full_evicted, soft_keep_log_mask
+from tinytis.importance import COMPONENTS_FILE, TIS
+from tinytis.model import Transformer
+from tinytis.tasks import Sample, training
+from tinytis.tasks.seeds import EVAL_SEEDS
+from tinytis.tokenizer import Tokenizer
+from tinytis.train.common import (answer_accuracy, cosine_lr, optimizer_step, save_checkpoint, save_components,
+                                  start_or_resume, training_command)
+from tinytis.trimkv import GatedContextKV
+
+TIS_FAMILIES = ["recall", "passkey", "varied", "multikey", "narrative", "litm"]
+TIS_BUDGETS = (0.05, 0.1, 0.25, 0.5, 0.75)
+TIS_TOKENS_PER_STEP = 4096
+
+
+def context_batch(tok: Tokenizer, samples: list[Sample]):
+    """Left-padded contexts and right-padded continuations (question + answer + EOS) that follow them.
+
+    -> ctx_ids, ctx_pos (B, C); cont_ids, cont_pos (B, T); cont_mask (B, T): positions whose next
+    token is part of the continuation (the ones the KL is taken over)."""
+    ctx_ids, ctx_pos = left_pad([tok.encode(s.context) for s in samples])
+    conts = [tok.encode(s.question, bos=False) + tok.encode(s.answer, bos=False, eos=True) for s in samples]
+    T = max(len(c) for c in conts)
+    cont_ids = torch.full((len(samples), T), tok.eos_id, dtype=torch.long)
+    for b, c in enumerate(conts):
+        cont_ids[b, : len(c)] = torch.tensor(c)
+    cont_pos = ctx_pos[:, -1:] + 1 + torch.arange(T)  # padding after EOS gets real positions; it is never scored
+    cont_mask = torch.arange(T)[None] < torch.tensor([len(c) - 1 for c in conts])[:, None]
+    return ctx_ids, ctx_pos, cont_ids, cont_pos, cont_mask
+
+
+def tis_losses(model, tis, batch, budget: float, anchors: tuple[int, int]):
+    """(alignment, KL(full || evicted)) for one batch; the base model is frozen, only `tis` gets gradients."""
+    ctx_ids, ctx_pos, cont_ids, cont_pos, cont_mask = batch
+    cache = ContextKV()
+    with torch.no_grad():
+        hidden = model.hidden_states(ctx_ids, ctx_pos, cache)
+        teacher = model(cont_ids, cont_pos, cache)
+        labels = cache.mass
+    scores = tis(hidden, ctx_ids)
+    align = alignment_loss(scores, labels, ctx_pos, *anchors)
+    cache.key_bias = tis.attn_hook_lambda * soft_keep_log_mask(scores, ctx_pos, budget, *anchors)
+    student = model(cont_ids, cont_pos, cache)
+    return align, kl_full_evicted(teacher, student, cont_mask)
+
+
+def evaluate_tis(model, tis, tok, budget: float, anchors) -> float:
+    return evaluate_eviction(model, tok, budget, anchors, lambda cache, hidden, ids, pos: tis(hidden, ids))
+
+
+@torch.no_grad()
+def evaluate_eviction(model, tok, budget: float, anchors, score, n: int = 32, length: int = 1024) -> float:
+    """Teacher-forced answer accuracy under hard eviction at `budget` on held-out samples. score(cache, hidden,
+    ctx_ids, ctx_pos) -> (B, L, KV, C) scores the context prefilled into cache (a GatedContextKV)."""
+    rng = random.Random(EVAL_SEEDS.start + 7)
+    count = lambda s: len(tok.encode(s, bos=False))
+    hits = []
+    for _ in range(0, n, 8):
+        samples = [training.sample(rng, length, count, TIS_FAMILIES) for _ in range(8)]
+        ctx_ids, ctx_pos, cont_ids, cont_pos, cont_mask = context_batch(tok, samples)
+        cache = GatedContextKV()
+        hidden = model.hidden_states(ctx_ids, ctx_pos, cache)
+        log_m = soft_keep_log_mask(score(cache, hidden, ctx_ids, ctx_pos), ctx_pos, budget, *anchors)
+        cache.key_bias = torch.where(log_m > math.log(0.5), 0.0, float("-inf"))
+        logits = model(cont_ids, cont_pos, cache)
+        answer_start = torch.tensor([len(tok.encode(s.question, bos=False)) - 1 for s in samples])[:, None]
+        y = torch.cat((cont_ids[:, 1:], cont_ids[:, -1:]), dim=1).masked_fill(~cont_mask, -100)
+        y = y.masked_fill(torch.arange(y.shape[1])[None] < answer_start, -100)
+        hits.append(answer_accuracy(logits, y))
+    return torch.cat(hits).mean().item()
+
+
+def frozen_model_start(args):
+    """The start of a stage on the frozen base model (oracle, ert, trimkv): makes the run directory, seeds torch.
+    -> model_dir, run, model (no gradients), tok, count (tokens of a text), command (what reproduces the run)"""
+    model_dir, run = Path(args.model), Path(args.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    model = Transformer.from_pretrained(model_dir).requires_grad_(False)
+    tok = Tokenizer.from_dir(model_dir)
+    torch.manual_seed(args.seed)
+    return model_dir, run, model, tok, lambda s: len(tok.encode(s, bos=False)), training_command(args)
+
+
+def train_tis(args):
+    model_dir, run, model, tok, count, command = frozen_model_start(args)
+    anchors = (args.n_sink, args.n_recent)
+    tis = TIS(model.args, meta={"base_model": str(model_dir), "anchors": {"n_sink": args.n_sink, "n_recent": args.n_recent},
+                                "budgets": list(TIS_BUDGETS), "stage": args.stage, "command": command},
+              per_head=not args.shared_score)
+    opt = torch.optim.AdamW(tis.parameters(), lr=args.lr, weight_decay=0.0)
+    oracle_steps = args.steps if args.stage == "oracle" else args.oracle_steps
+    total = args.steps if args.stage == "oracle" else args.oracle_steps + args.steps
+    state = {"step": 0, "rng": random.Random(args.seed).getstate(), "log": []}
+    ckpt = run / f"tis_{args.stage}.pt"
+    state, rng = start_or_resume(ckpt, tis, opt, state, args.resume)
+    bar = tqdm(total=total, initial=state["step"], desc=args.stage)
+    last_save = time.time()
+    while state["step"] < total:
+        length = rng.randint(args.min_len, args.max_len)
+        samples = [training.sample(rng, length, count, TIS_FAMILIES) for _ in range(max(1, TIS_TOKENS_PER_STEP // length))]
+        budget = rng.choice(TIS_BUDGETS)
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(state["step"], total, args.lr, warmup=20)
+        align, kl = tis_losses(model, tis, context_batch(tok, samples), budget, anchors)
+        oracle_phase = state["step"] < oracle_steps
+        loss = align if oracle_phase else kl + args.lambda_align * align
+        optimizer_step(opt, loss)
+        state["step"] += 1
+        bar.update(1)
+        bar.set_postfix(phase="oracle" if oracle_phase else "ert", b=budget, align=f"{align.item():.3f}", kl=f"{kl.item():.4f}")
+        if state["step"] % args.eval_every == 0 or state["step"] == total:
+            accs = {b: evaluate_tis(model, tis, tok, b, anchors) for b in (0.05, 0.1, 0.25)}
+            state["log"].append({"step": state["step"], "align": align.item(), "kl": kl.item(), "acc": accs})
+            tqdm.write(f"[{args.stage} {state['step']}] align {align.item():.3f} kl {kl.item():.4f} held-out acc by budget {accs}")
+        if time.time() - last_save > args.save_every_s or state["step"] == total:
+            save_checkpoint(ckpt, tis, opt, state, rng)
+            last_save = time.time()
+    bar.close()
+    save_components(tis, state, Path(args.out or model_dir / COMPONENTS_FILE))
