@@ -55,20 +55,23 @@ def test_shared_score_head_gives_every_layer_and_head_the_same_score(tmp_path):
 
 @pytest.mark.parametrize("budget", [0.05, 0.25, 0.5, 0.9])
 def test_soft_mask_keeps_exactly_anchors_plus_top_k(budget):
-    """m > 0.5 exactly on the anchors and the top (budget * length - anchors) others; padding gets -inf."""
+    """m > 0.5 exactly on the anchors (within a quarter of the budget) and the top (budget * length - anchors)
+    others; padding gets -inf."""
     n_sink, n_recent = 2, 3
     lengths = [40, 33]
     C = max(lengths)
     ctx_pos = torch.stack([torch.cat([torch.full((C - n,), -1), torch.arange(n)]) for n in lengths])
     scores = torch.randn(2, 2, 3, C)
-    log_m = soft_keep_log_mask(scores, ctx_pos, budget, n_sink, n_recent).permute(1, 0, 2, 3)
+    log_m = soft_keep_log_mask(scores, ctx_pos, budget, Anchors(n_sink, n_recent, 0.25)).permute(1, 0, 2, 3)
     for b, n in enumerate(lengths):
         real = slice(C - n, C)
         assert torch.isinf(log_m[b, ..., : C - n]).all()
         for layer in range(2):
             for head in range(3):
                 s = scores[b, layer, head, real]
-                anchors = [i for i in range(n) if i < n_sink or i >= n - n_recent]
+                cap = math.floor(round(budget * n) * 0.25)  # the anchors' share: sinks first, then the newest
+                sinks = min(n_sink, cap)
+                anchors = [i for i in range(n) if i < sinks or i >= n - min(n_recent, cap - sinks)]
                 rest = sorted((i for i in range(n) if i not in anchors), key=lambda i: -s[i].item())
                 expected = set(anchors) | set(rest[: max(0, round(budget * n) - len(anchors))])
                 kept = {i for i in range(n) if log_m[b, layer, head, C - n + i] > math.log(0.5)}
@@ -77,7 +80,9 @@ def test_soft_mask_keeps_exactly_anchors_plus_top_k(budget):
 
 def test_anchor_mask_marks_first_and_last_real_tokens():
     ctx_pos = torch.tensor([[-1, -1, 0, 1, 2, 3, 4, 5]])
-    assert anchor_mask(ctx_pos, 1, 2).tolist() == [[False, False, True, False, False, False, True, True]]
+    assert anchor_mask(ctx_pos, Anchors(1, 2, 0.5)).tolist() == [[False, False, True, False, False, False, True, True]]
+    # at half the budget (3 tokens) the share leaves one anchor: the sink
+    assert anchor_mask(ctx_pos, Anchors(1, 2, 0.5), 0.5).tolist() == [[False, False, True] + [False] * 5]
 
 
 def _batch(model_dir, n=4, length=96, seed=0):
@@ -91,7 +96,7 @@ def test_soft_mask_gives_gradient_to_the_head_and_not_to_the_model(model_dir):
     model = Transformer.from_pretrained(model_dir).requires_grad_(False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tis = TIS(SMALL)
-    align, kl = stage.tis_losses(model, tis, _batch(model_dir), budget=0.25, anchors=(2, 4))
+    align, kl = stage.tis_losses(model, tis, _batch(model_dir), budget=0.25, anchors=Anchors(2, 4))
     kl.backward()
     assert kl.item() > 0
     assert tis.importance_head.fc2.weight.grad.abs().sum() > 0
@@ -108,7 +113,7 @@ def hard_kl(model, score, batch, budget, anchors):
         cache = ContextKV()
         hidden = model.hidden_states(ctx_ids, ctx_pos, cache)
         full = model(cont_ids, cont_pos, cache)
-        log_m = soft_keep_log_mask(score(hidden, ctx_ids, cache.mass), ctx_pos, budget, *anchors)
+        log_m = soft_keep_log_mask(score(hidden, ctx_ids, cache.mass), ctx_pos, budget, anchors)
         cache.key_bias = torch.where(log_m > math.log(0.5), 0.0, float("-inf"))
         evicted = model(cont_ids, cont_pos, cache)
     return kl_full_evicted(full, evicted, cont_mask).item()
@@ -119,7 +124,7 @@ def test_a_few_ert_steps_lower_the_kl_below_the_attention_oracle(model_dir):
     attends to most (the oracle labels): ERT optimises the KL itself, not the attention mass."""
     torch.manual_seed(0)
     model = Transformer.from_pretrained(model_dir).requires_grad_(False)
-    batch, anchors = _batch(model_dir, n=8), (2, 4)
+    batch, anchors = _batch(model_dir, n=8), Anchors(2, 4)
     tis = TIS(SMALL)
     opt = torch.optim.AdamW(tis.parameters(), lr=3e-3)
     learned = lambda hidden, ids, mass: tis(hidden, ids)
@@ -179,7 +184,7 @@ def _ert_args(model_dir, run_dir, out, resume=False):
 
 
 def test_resume_gives_the_same_components_as_an_uninterrupted_run(model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(stage, "evaluate_tis", lambda *a, **k: 0.0)
+    monkeypatch.setattr(stage, "monitor", lambda *a, **k: {})
     monkeypatch.setattr(stage, "TIS_TOKENS_PER_STEP", 256)
     stage.train_tis(_ert_args(model_dir, tmp_path / "a", tmp_path / "a.pt"))
     interrupt_then_resume(monkeypatch, stage, "tis_losses", 4, stage.train_tis,

@@ -226,7 +226,7 @@ def test_trimkv_training_resumes_to_the_same_gates(model_dir, tmp_path, monkeypa
     from tests.interrupt import interrupt_then_resume
     from tests.test_tis import SMALL
 
-    monkeypatch.setattr(stage, "evaluate_eviction", lambda *a, **k: 0.0)
+    monkeypatch.setattr(stage, "evaluate_eviction", lambda *a, **k: (0.0, 0.0))
     monkeypatch.setattr(stage, "TIS_TOKENS_PER_STEP", 256)
     stage.train_trimkv(_trimkv_args(model_dir, tmp_path / "a", tmp_path / "a.safetensors"))
     interrupt_then_resume(monkeypatch, stage, "trimkv_losses", 3, stage.train_trimkv,

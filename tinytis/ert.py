@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from tinytis.anchors import Anchors
 from tinytis.model import attention_mask
 
 
@@ -83,24 +84,26 @@ class ContextKV:
         return out
 
 
-def anchor_mask(ctx_pos, n_sink: int, n_recent: int):
-    """(B, C) bool: the first n_sink and last n_recent real tokens of each context (always kept)."""
+def context_lengths(ctx_pos):
+    """(B, 1): the real tokens of each left-padded context."""
+    return (ctx_pos >= 0).sum(dim=1, keepdim=True)
+
+
+def anchor_mask(ctx_pos, anchors: Anchors, budget: float = 1.0):
+    """(B, C) bool: the anchors of each context at `budget` (the first sinks and the last recent real tokens, within
+    the anchors' share of the budget; the manager pins the same ones)."""
+    k = torch.round(budget * context_lengths(ctx_pos))
+    n_sink, n_recent = anchors.counts(k)
     length = ctx_pos.max(dim=1, keepdim=True).values + 1
     return (ctx_pos >= 0) & ((ctx_pos < n_sink) | (ctx_pos >= length - n_recent))
 
 
-def keep_counts(ctx_pos, budget: float, n_anchor):
-    """Tokens each context keeps beyond its anchors at a fractional budget: (B, 1)."""
-    length = (ctx_pos >= 0).sum(dim=1, keepdim=True)
-    return (torch.round(budget * length) - n_anchor).clamp(min=0)
-
-
-def soft_keep_log_mask(scores, ctx_pos, budget: float, n_sink: int, n_recent: int, temperature: float = 1.0):
+def soft_keep_log_mask(scores, ctx_pos, budget: float, anchors: Anchors, temperature: float = 1.0):
     """log m for every context key: scores (B, L, KV, C) -> (L, B, KV, C), 0 for anchors, -inf for padding."""
-    anchors = anchor_mask(ctx_pos, n_sink, n_recent)[:, None, None, :]
+    pinned = anchor_mask(ctx_pos, anchors, budget)[:, None, None, :]
     real = (ctx_pos >= 0)[:, None, None, :]
-    candidates = real & ~anchors
-    k = keep_counts(ctx_pos, budget, anchors.sum(dim=-1)[:, 0, 0, None]).long()  # (B, 1)
+    candidates = real & ~pinned
+    k = (torch.round(budget * context_lengths(ctx_pos)) - pinned.sum(dim=-1)[:, 0, 0, None]).clamp(min=0).long()  # (B, 1)
     ranked = scores.detach().masked_fill(~candidates, float("-inf")).sort(dim=-1, descending=True).values
     C = scores.shape[-1]
     idx = k[:, :, None, None].expand(*scores.shape[:-1], 1)
@@ -108,15 +111,15 @@ def soft_keep_log_mask(scores, ctx_pos, budget: float, n_sink: int, n_recent: in
     first_evicted = ranked.gather(-1, idx.clamp(max=C - 1)).masked_fill(idx >= C, float("-inf"))
     tau = torch.where(idx == 0, last_kept + temperature, (last_kept + first_evicted) / 2)  # k == 0: evict all
     log_m = F.logsigmoid((scores - tau) / temperature)
-    log_m = torch.where(anchors, torch.zeros_like(log_m), log_m)
+    log_m = torch.where(pinned, torch.zeros_like(log_m), log_m)
     log_m = log_m.masked_fill(~real, float("-inf"))
     return log_m.permute(1, 0, 2, 3)
 
 
-def alignment_loss(scores, labels, ctx_pos, n_sink: int, n_recent: int):
-    """Listwise cross-entropy between softmax(scores) and the normalised oracle mass, over non-anchor tokens.
-    scores, labels: (B, L, KV, C)."""
-    candidates = ((ctx_pos >= 0) & ~anchor_mask(ctx_pos, n_sink, n_recent))[:, None, None, :]
+def alignment_loss(scores, labels, ctx_pos, anchors: Anchors):
+    """Listwise cross-entropy between softmax(scores) and the normalised oracle mass, over the tokens that are not
+    anchors at the full budget. scores, labels: (B, L, KV, C)."""
+    candidates = ((ctx_pos >= 0) & ~anchor_mask(ctx_pos, anchors))[:, None, None, :]
     target = labels.masked_fill(~candidates, 0)
     target = target / target.sum(-1, keepdim=True).clamp(min=1e-9)
     log_q = torch.log_softmax(scores.masked_fill(~candidates, float("-inf")), dim=-1)

@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from tinytis.anchors import Anchors
 from tinytis.engine import left_pad
 from tinytis.ert import ContextKV, alignment_loss, kl_full_evicted, soft_keep_log_mask
 from tinytis.importance import COMPONENTS_FILE, TIS
 from tinytis.model import Transformer
-from tinytis.tasks import Sample, training
+from tinytis.tasks import Sample, tis_mix, training
 from tinytis.tasks.seeds import EVAL_SEEDS
 from tinytis.tokenizer import Tokenizer
 from tinytis.train.common import (answer_accuracy, cosine_lr, optimizer_step, save_checkpoint, save_components,
@@ -44,7 +45,7 @@ def context_batch(tok: Tokenizer, samples: list[Sample]):
     return ctx_ids, ctx_pos, cont_ids, cont_pos, cont_mask
 
 
-def tis_losses(model, tis, batch, budget: float, anchors: tuple[int, int]):
+def tis_losses(model, tis, batch, budget: float, anchors: Anchors):
     """(alignment, KL(full || evicted)) for one batch; the base model is frozen, only `tis` gets gradients."""
     ctx_ids, ctx_pos, cont_ids, cont_pos, cont_mask = batch
     cache = ContextKV()
@@ -53,36 +54,47 @@ def tis_losses(model, tis, batch, budget: float, anchors: tuple[int, int]):
         teacher = model(cont_ids, cont_pos, cache)
         labels = cache.mass
     scores = tis(hidden, ctx_ids)
-    align = alignment_loss(scores, labels, ctx_pos, *anchors)
-    cache.key_bias = tis.attn_hook_lambda * soft_keep_log_mask(scores, ctx_pos, budget, *anchors)
+    align = alignment_loss(scores, labels, ctx_pos, anchors)
+    cache.key_bias = tis.attn_hook_lambda * soft_keep_log_mask(scores, ctx_pos, budget, anchors)
     student = model(cont_ids, cont_pos, cache)
     return align, kl_full_evicted(teacher, student, cont_mask)
 
 
-def evaluate_tis(model, tis, tok, budget: float, anchors) -> float:
-    return evaluate_eviction(model, tok, budget, anchors, lambda cache, hidden, ids, pos: tis(hidden, ids))
+MONITOR_BUDGETS = (0.05, 0.1, 0.25)
+
+
+def monitor(model, tis, tok, anchors: Anchors) -> dict:
+    """The training-time monitor of TIS: on held-out samples, answer accuracy and KL(full || evicted) under hard
+    eviction at each of MONITOR_BUDGETS, and one score covering both, mean(accuracy + exp(-KL)) / 2 in [0, 1]."""
+    rows = {b: evaluate_eviction(model, tok, b, anchors, lambda cache, hidden, ids, pos: tis(hidden, ids))
+            for b in MONITOR_BUDGETS}
+    score = sum(acc + math.exp(-kl) for acc, kl in rows.values()) / (2 * len(rows))
+    return {"acc": {b: r[0] for b, r in rows.items()}, "kl": {b: r[1] for b, r in rows.items()}, "score": score}
 
 
 @torch.no_grad()
-def evaluate_eviction(model, tok, budget: float, anchors, score, n: int = 32, length: int = 1024) -> float:
-    """Teacher-forced answer accuracy under hard eviction at `budget` on held-out samples. score(cache, hidden,
-    ctx_ids, ctx_pos) -> (B, L, KV, C) scores the context prefilled into cache (a GatedContextKV)."""
+def evaluate_eviction(model, tok, budget: float, anchors: Anchors, score, n: int = 32, length: int = 1024):
+    """(teacher-forced answer accuracy, KL(full || evicted) per continuation token) under hard eviction at `budget`
+    on held-out samples. score(cache, hidden, ctx_ids, ctx_pos) -> (B, L, KV, C) scores the context prefilled into
+    cache (a GatedContextKV)."""
     rng = random.Random(EVAL_SEEDS.start + 7)
     count = lambda s: len(tok.encode(s, bos=False))
-    hits = []
+    hits, kls = [], []
     for _ in range(0, n, 8):
         samples = [training.sample(rng, length, count, TIS_FAMILIES) for _ in range(8)]
         ctx_ids, ctx_pos, cont_ids, cont_pos, cont_mask = context_batch(tok, samples)
         cache = GatedContextKV()
         hidden = model.hidden_states(ctx_ids, ctx_pos, cache)
-        log_m = soft_keep_log_mask(score(cache, hidden, ctx_ids, ctx_pos), ctx_pos, budget, *anchors)
+        full = model(cont_ids, cont_pos, cache)
+        log_m = soft_keep_log_mask(score(cache, hidden, ctx_ids, ctx_pos), ctx_pos, budget, anchors)
         cache.key_bias = torch.where(log_m > math.log(0.5), 0.0, float("-inf"))
         logits = model(cont_ids, cont_pos, cache)
         answer_start = torch.tensor([len(tok.encode(s.question, bos=False)) - 1 for s in samples])[:, None]
         y = torch.cat((cont_ids[:, 1:], cont_ids[:, -1:]), dim=1).masked_fill(~cont_mask, -100)
         y = y.masked_fill(torch.arange(y.shape[1])[None] < answer_start, -100)
         hits.append(answer_accuracy(logits, y))
-    return torch.cat(hits).mean().item()
+        kls.append(kl_full_evicted(full, logits, cont_mask).item())
+    return torch.cat(hits).mean().item(), sum(kls) / len(kls)
 
 
 def frozen_model_start(args):
@@ -98,7 +110,7 @@ def frozen_model_start(args):
 
 def train_tis(args):
     model_dir, run, model, tok, count, command = frozen_model_start(args)
-    anchors = (args.n_sink, args.n_recent)
+    anchors = Anchors(args.n_sink, args.n_recent)
     tis = TIS(model.args, meta={"base_model": str(model_dir), "anchors": {"n_sink": args.n_sink, "n_recent": args.n_recent},
                                 "budgets": list(TIS_BUDGETS), "stage": args.stage, "command": command},
               per_head=not args.shared_score)
@@ -112,7 +124,7 @@ def train_tis(args):
     last_save = time.time()
     while state["step"] < total:
         length = rng.randint(args.min_len, args.max_len)
-        samples = [training.sample(rng, length, count, TIS_FAMILIES) for _ in range(max(1, TIS_TOKENS_PER_STEP // length))]
+        samples = [tis_mix.sample(rng, length, count) for _ in range(max(1, TIS_TOKENS_PER_STEP // length))]
         budget = rng.choice(TIS_BUDGETS)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(state["step"], total, args.lr, warmup=20)
@@ -124,9 +136,9 @@ def train_tis(args):
         bar.update(1)
         bar.set_postfix(phase="oracle" if oracle_phase else "ert", b=budget, align=f"{align.item():.3f}", kl=f"{kl.item():.4f}")
         if state["step"] % args.eval_every == 0 or state["step"] == total:
-            accs = {b: evaluate_tis(model, tis, tok, b, anchors) for b in (0.05, 0.1, 0.25)}
-            state["log"].append({"step": state["step"], "align": align.item(), "kl": kl.item(), "acc": accs})
-            tqdm.write(f"[{args.stage} {state['step']}] align {align.item():.3f} kl {kl.item():.4f} held-out acc by budget {accs}")
+            held_out = monitor(model, tis, tok, anchors)
+            state["log"].append({"step": state["step"], "align": align.item(), "kl": kl.item(), "monitor": held_out})
+            tqdm.write(f"[{args.stage} {state['step']}] align {align.item():.3f} kl {kl.item():.4f} held-out {held_out}")
         if time.time() - last_save > args.save_every_s or state["step"] == total:
             save_checkpoint(ckpt, tis, opt, state, rng)
             last_save = time.time()

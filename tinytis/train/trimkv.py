@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from tinytis.anchors import Anchors
 from tinytis.ert import kl_full_evicted
 from tinytis.tasks import training
 from tinytis.train.common import cosine_lr, optimizer_step, save_checkpoint, save_components, start_or_resume
@@ -53,7 +54,7 @@ def train_trimkv(args):
     state = {"step": 0, "rng": random.Random(args.seed).getstate(), "log": []}
     ckpt = run / "trimkv.pt"
     state, rng = start_or_resume(ckpt, gates, opt, state, args.resume)
-    anchors = (args.n_sink, args.n_recent)
+    anchors = Anchors(args.n_sink, args.n_recent)
     bar = tqdm(total=args.steps, initial=state["step"], desc="trimkv")
     last_save = time.time()
     while state["step"] < args.steps:
@@ -68,7 +69,7 @@ def train_trimkv(args):
         bar.update(1)
         bar.set_postfix(kl=f"{kl.item():.4f}", ntp=f"{ntp.item():.3f}", cap=f"{cap.item():.3f}")
         if state["step"] % args.eval_every == 0 or state["step"] == args.steps:
-            accs = {b: evaluate_eviction(model, tok, b, anchors, trimkv_scores(gates)) for b in TRIMKV_EVAL_BUDGETS}
+            accs = {b: evaluate_eviction(model, tok, b, anchors, trimkv_scores(gates))[0] for b in TRIMKV_EVAL_BUDGETS}
             state["log"].append({"step": state["step"], "kl": kl.item(), "ntp": ntp.item(), "capacity": cap.item(), "acc": accs})
             tqdm.write(f"[trimkv {state['step']}] kl {kl.item():.4f} capacity {cap.item():.3f} held-out acc by budget {accs}")
         if time.time() - last_save > args.save_every_s or state["step"] == args.steps:
