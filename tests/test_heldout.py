@@ -8,7 +8,7 @@ import random
 import re
 from collections import Counter
 
-from tinytis.tasks import heldout, multiq, text, tis_mix, training
+from tinytis.tasks import heldout, litm, multiq, narrative, niah, text, tis_mix, training
 
 COUNT = lambda s: len(s.split())  # a stand-in tokenizer: haystacks only need a count per text
 SLOTS = {**{w: "<name>" for w in text.NAMES}, **{w: "<place>" for w in text.PLACES},
@@ -27,7 +27,7 @@ def training_contexts(n: int = 600):
     rng = random.Random(0)
     for i in range(n):
         length = rng.randint(64, 1024)
-        yield training.sample(rng, length, COUNT).context
+        yield training.sample(rng, length, COUNT, list(training.WEIGHTS)).context
         yield tis_mix.sample(rng, length, COUNT).context
 
 
@@ -42,11 +42,24 @@ def heldout_contexts(n: int = 60):
         yield heldout.multiq(seed, length, COUNT).context
 
 
+def fact_templates() -> set[str]:
+    """The facts as the evaluation states them (the needle, the keyed facts, the documents): shared by design, since
+    held-out prompts hide the same facts in other text."""
+    rng = random.Random(2)
+    contexts = [niah.make(v, rng.randrange(10**9), 400, 0.5, COUNT).context for v in ("passkey", "multikey")
+                for _ in range(20)]
+    contexts += [narrative.make(rng.randrange(10**9), 400, 0.5, COUNT).context for _ in range(20)]
+    contexts += [litm.make(rng.randrange(10**9), 30, 0).context for _ in range(20)]
+    facts = {t for t in set().union(*map(templates, contexts)) if re.search(r"<\w+>|#", t)}
+    return facts | templates(niah.PASSKEY_NEEDLE.format(k=12345))  # its "Remember it." too
+
+
 def test_no_heldout_sentence_is_drawn_in_training():
     seen = set().union(*map(templates, training_contexts()))
     held = set().union(*map(templates, heldout_contexts()))
     assert len(held) > 200  # the filler alone has hundreds of distinct sentences
-    assert not held & seen, sorted(held & seen)[:5]
+    shared = held & seen
+    assert shared and shared <= fact_templates(), sorted(shared - fact_templates())[:5]
 
 
 def test_heldout_filler_words_are_not_training_words():

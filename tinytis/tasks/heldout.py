@@ -1,14 +1,14 @@
 """The held-out prompt family: every evaluation task, written so that no training stage has seen its text.
 
-Other filler (its own words, sentence templates and repeated block), other statements of the facts, an intro
-sentence. The questions and answers are those of the in-distribution tasks, so predictions are scored alike; the
-names, places, objects and colours of the facts are shared with them (they are what is asked). Nothing in
+Other filler (its own words, sentence templates and repeated block) and an intro sentence around facts stated as the
+evaluation states them; the questions and answers are those of the in-distribution tasks, so predictions are scored
+alike. Nothing in
 tinytis/tasks/training.py or tis_mix.py draws from this module (tests/test_heldout.py checks it).
 """
 import random
 
 from tinytis.tasks import Sample, style
-from tinytis.tasks.style import Style, Templates, mixed_filler
+from tinytis.tasks.style import EVAL_TEMPLATES, Style, mixed_filler
 
 # filler words: none of them is in tinytis/tasks/text.py
 VEHICLES = "boat wagon truck canoe sled carriage barge tram".split()
@@ -23,19 +23,9 @@ SOUNDS = "whistle hum rustle echo chime".split()
 
 BLOCK = "Clouds drift over the ridge. The canal is calm today. Leaves fall in autumn. On and on it goes. Round once more."
 
-TEMPLATES = Templates(
-    passkey=("Write this down, the pass key is {k}. Again: {k}.",
-             "Attention please: {k} is today's pass key. Keep {k} in mind.",
-             "The number that opens the vault, the pass key, is {k}."),
-    multikey=("{name} was handed the secret code {code}.",
-              "Note for {name}: your secret code reads {code}.",
-              "The code that {name} keeps secret is {code}."),
-    events=(("{name} walked all the way to the {place}.", "Later that day {name} headed for the {place}."),
-            ("{name} came across a {color} {obj} on the ground.", "Lying there, {name} spotted a {color} {obj}."),
-            ("{name} ran into {friend} at the {place}.", "At the {place}, {name} talked with {friend}.")),
-    doc_fact=("The {obj} of {name} is stored in the {place}.", "{name} always leaves the {obj} inside the {place}."),
-    doc_header="Entry {i}:",
-)
+# the facts are stated as in the evaluation (the Landmark needle, the keyed facts, "Document {i}:"): what is held out
+# is the text around them, as with passkey prompts from another generator
+TEMPLATES = EVAL_TEMPLATES
 
 INTROS = ("What follows is a long record; one detail in it will be asked about at the end.",
           "Below are some notes. Most of them do not matter, but one does.",
