@@ -19,13 +19,14 @@ from tinytis.train.trimkv import train_trimkv
 from tinytis.trimkv import GATES_FILE
 
 
-def frozen_model_stage(sub, name: str, help: str, out_file: str, what: str, steps: int, max_len: int, eval_every: int):
+def frozen_model_stage(sub, name: str, help: str, out_file: str, what: str, steps: int, max_len: int, eval_every: int,
+                       lr: float):
     """A stage that trains eviction components on the frozen base model (oracle, ert, trimkv): its common flags."""
     p = sub.add_parser(name, help=help)
     p.add_argument("--model", default="models/tiny", help="frozen base model directory")
     p.add_argument("--out", default=None, help=f"{what} file to write (default: MODEL/{out_file})")
     p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--min-len", type=int, default=256)
     p.add_argument("--max-len", type=int, default=max_len)
     p.add_argument("--n-sink", type=int, default=4, help="first tokens always kept")
@@ -42,7 +43,8 @@ def main():
     base.add_argument("--eval-every", type=int, default=1000, help="steps between held-out evaluations")
     for name, help in (("oracle", "TIS stage 1: supervise the importance head with oracle labels"),
                        ("ert", "TIS stage 3: oracle warm start, then KL(full || evicted) + alignment")):
-        p = frozen_model_stage(sub, name, help, COMPONENTS_FILE, "components", steps=400, max_len=2048, eval_every=100)
+        p = frozen_model_stage(sub, name, help, COMPONENTS_FILE, "components", steps=400, max_len=2048, eval_every=100,
+                               lr=1e-3)  # 3e-3 collapsed beyond ~400 ERT steps (docs/results.md)
         p.add_argument("--shared-score", action="store_true",
                        help="one score per token shared by every layer and KV head (default: one per layer and KV head)")
         if name == "ert":
@@ -66,7 +68,7 @@ def main():
     dms.add_argument("--max-len", type=int, default=512)
     dms.add_argument("--eval-every", type=int, default=70, help="steps between held-out gate evaluations")
     p = frozen_model_stage(sub, "trimkv", "TRIM-KV: retention gates on the frozen model, distillation + capacity loss",
-                           GATES_FILE, "gates", steps=120, max_len=1024, eval_every=50)
+                           GATES_FILE, "gates", steps=120, max_len=1024, eval_every=50, lr=3e-3)
     p.add_argument("--memory-size", type=int, default=128, help="M: the tokens' worth of retention a head may hold")
     p.add_argument("--buffer-size", type=int, default=32, help="recorded for decoding: evict when a head holds M + this")
     p.add_argument("--lambda-capacity", type=float, default=1.0, help="weight of the capacity loss")

@@ -11,6 +11,7 @@ from tinytis.tasks import litm, narrative, niah, training
 from tinytis.tasks.seeds import EVAL_SEEDS, TRAIN_SEEDS
 from tinytis.tasks.text import LANDMARK_FILLER
 from tinytis.tokenizer import Tokenizer
+from tinytis.train.base import induction_accuracy
 
 TINY = Path(__file__).parents[1] / "models" / "tiny"
 
@@ -97,3 +98,28 @@ def test_training_draws_only_training_seeds(monkeypatch, tok):
 ])
 def test_qa_f1_matches_the_longbench_definition(prediction, reference, f1):
     assert narrative.qa_f1(prediction, reference) == pytest.approx(f1)
+
+
+def test_copy_task_puts_a_random_id_span_anywhere_and_repeats_it_at_the_end(tok):
+    rng = random.Random(0)
+    starts = []
+    for _ in range(50):
+        ids, answer_start = training.copy(rng, 256, tok)
+        span = ids[answer_start - 1:]  # the repeat: its first token is given, the rest is the answer
+        assert 8 <= len(span) <= 31 and not {tok.bos_id, tok.eos_id, tok.sp.unk_id()} & set(span)
+        first = [i for i in range(1, answer_start - 1) if ids[i:i + len(span)] == span]
+        assert first, "the span occurs before its repeat"
+        starts.append(first[0] / (answer_start - 1))
+        assert 256 - 40 <= len(ids) <= 256 + 1
+    assert min(starts) < 0.2 and max(starts) > 0.7  # not always at the start
+
+
+@pytest.mark.parametrize("length,floor", [
+    pytest.param(256, 0.7, marks=pytest.mark.xfail(strict=True, reason="issue 14: the shipped model copies 0.51 at 256")),
+    (1024, 0.5),
+])
+def test_the_embedded_model_copies_a_random_id_span_from_mid_context(tok, length, floor):
+    """Induction on the shipped model: a span of random token ids placed mid-context, repeated at the end; its
+    tokens 2..n teacher-forced. A model that learned to copy only from the start of its context scores ~0 here."""
+    model = Transformer.from_pretrained(TINY)
+    assert induction_accuracy(model, tok, length, n=32) >= floor
