@@ -211,7 +211,7 @@ class Transformer(nn.Module):
         expected = dict(model.named_parameters())
         quantized = nf4.block_linear_names(model) if quant == "nf4" else set()
         loaded = set()
-        for name, tensor in checkpoint.tensors(args, dtype):
+        for name, tensor in checkpoint.tensors(args, dtype, frozenset(quantized)):
             if name == "output.weight" and args.tie_embeddings:
                 continue  # tied to tok_embeddings below
             if name not in expected:
