@@ -1,7 +1,8 @@
 """Speed and memory of tinytis, side by side with transformers where it is installed.
 
     python bench.py speed    prefill and decode tokens/s of tinytis and transformers on the same random weights
-    python bench.py load     peak RSS while loading a random-weight checkpoint, against the loaded weights' size
+    python bench.py load     a random bf16 checkpoint (--shape mistral-7b-v0.3: 7B, written once to a cache directory)
+                             loaded in NF4, 128-token prefill, 8 decoded; peak RSS, beside transformers + bitsandbytes
     python bench.py kernels  NF4 gemv at the Mistral-7B shapes (vs bitsandbytes and dequantize + matmul) and paged
                              decode attention at 4k/16k/32k context: GB/s and fraction of peak bandwidth
     python bench.py overhead what eviction adds to a 4k-token prefill, per policy: recording the attention statistics
@@ -15,7 +16,6 @@
 
 Every subcommand but peers builds its model from the shape flags (random weights, HF layout in a temporary directory).
 """
-import multiprocessing
 import tempfile
 import time
 from pathlib import Path
@@ -23,12 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tinytis.bench import peers
+from tinytis.bench import gpu, load, peers
 from tinytis.config import ModelArgs
 from tinytis.device import add_device_flag, resolve_device
 from tinytis.engine import SamplingParams, generate
 from tinytis.errors import ArgumentParser, UserError, run_cli
-from tinytis.bench import gpu
 from tinytis.model import Transformer
 from tinytis.weights import save_hf
 
@@ -124,51 +123,6 @@ def speed(a):
     print(f"{'tinytis':<24}{ours[0]:>15.1f}{ours[1]:>15.1f}")
     print(f"{'transformers':<24}{theirs[0]:>15.1f}{theirs[1]:>15.1f}")
     print(f"{'tinytis / transformers':<24}{ours[0] / theirs[0]:>14.2f}x{ours[1] / theirs[1]:>14.2f}x")
-
-
-# -- load -----------------------------------------------------------------------------------------------------------
-
-
-def _kib(field: str) -> int:
-    """A field of /proc/self/status, in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _load_in_this_process(path: str, dtype: str) -> dict:
-    """Load a checkpoint and touch every weight; report RSS before, at its peak, and after, in bytes."""
-    args = ModelArgs.from_dir(Path(path))
-    with torch.device("meta"):
-        Transformer(args)  # torch's meta-device machinery loads here, before the baseline
-    base = _kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current RSS
-    model = Transformer.from_pretrained(Path(path), getattr(torch, dtype))
-    with torch.no_grad():
-        for p in model.parameters():  # resident for sure, whatever the loader mapped lazily
-            p.sum()
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return dict(base=base * 1024, peak=_kib("VmHWM") * 1024, final=_kib("VmRSS") * 1024, weights=weights)
-
-
-def measure_load(args: ModelArgs, dtype: str, file_dtype: torch.dtype = torch.float32) -> dict:
-    """Peak RSS growth of a fresh process loading a random checkpoint (stored in file_dtype) into dtype."""
-    with tempfile.TemporaryDirectory() as d:
-        random_checkpoint(args, Path(d), file_dtype)
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            return pool.apply(_load_in_this_process, (d, dtype))
-
-
-def load(a):
-    args = model_args(a)
-    m = measure_load(args, a.dtype, getattr(torch, a.file_dtype))
-    mib = lambda b: f"{b / 2**20:.0f} MiB"
-    print(describe(args, a.dtype) + f", stored as {a.file_dtype}")
-    print(f"weights loaded        {mib(m['weights'])}")
-    print(f"RSS before loading    {mib(m['base'])} (interpreter and torch)")
-    print(f"peak RSS while loading {mib(m['peak'])}: +{mib(m['peak'] - m['base'])} = {(m['peak'] - m['base']) / m['weights']:.2f}x the weights")
-    print(f"RSS after loading     {mib(m['final'])}: +{mib(m['final'] - m['base'])} = {(m['final'] - m['base']) / m['weights']:.2f}x the weights")
 
 
 # -- kernels ---------------------------------------------------------------------------------------------------------
@@ -335,10 +289,10 @@ def main():
     s.add_argument("--new-tokens", type=int, default=32)
     s.add_argument("--threads", type=int, default=torch.get_num_threads())
     s.set_defaults(run=speed)
-    s = sub.add_parser("load", help="peak RSS while loading a random-weight checkpoint vs the weights' size")
-    add_shape_flags(s, dim=768, n_layers=8, n_heads=12, n_kv_heads=4, head_dim=64, hidden_dim=2048, vocab_size=32768)
-    s.add_argument("--file-dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the checkpoint on disk")
-    s.set_defaults(run=load)
+    s = sub.add_parser("load", help="a random bf16 checkpoint in the hub's sharded layout, loaded in NF4, prefill + decode; "
+                                    "peak RSS against the NF4 bytes held, beside transformers + bitsandbytes")
+    load.add_flags(s)
+    s.set_defaults(run=load.load)
     s = sub.add_parser("kernels", help="NF4 gemv and paged decode attention: GB/s and fraction of peak (reference path on CPU)")
     s.add_argument("--reps", type=int, help="CUDA: milliseconds of timing per case (default 200); CPU: calls after one warm-up (default 1)")
     s.add_argument("--full", action="store_true", help="on CPU too, the 4k/16k/32k contexts (default there: 1k, 4k)")

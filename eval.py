@@ -3,6 +3,7 @@
     python eval.py niah                      # every policy, budgets 0.05/0.1/0.25/0.5/0.75/1.0, query-agnostic
     python eval.py multiq                    # four questions after one context; the budget is held while decoding
     python eval.py niah --family ood         # only the held-out prompt family (default: both, side by side)
+    python eval.py longbench --data my.jsonl --setting both   # your own data in LongBench's JSONL schema
     python eval.py all --n-samples 100 --setting both --output docs/results.csv --plot docs/plots
     torchrun --nproc_per_node 2 eval.py niah   # the grid sharded over 2 processes, one CSV from rank 0
 
@@ -16,11 +17,12 @@ import torch
 from tinytis import shard
 from tinytis.device import add_device_flag, resolve_device
 from tinytis.errors import ArgumentParser, UserError, comma_list, run_cli
-from tinytis.evaluate import FAMILIES, TASKS, Evaluator, format_summary, read_csv, write_csv, write_timing
+from tinytis.evaluate import FAMILIES, TASKS, CellKey, Evaluator, format_summary, read_csv, write_csv, write_timing
 from tinytis.manager import check_budget
 from tinytis.model import Transformer
 from tinytis.plots import plot
 from tinytis.policies import POLICIES
+from tinytis.tasks import longbench
 from tinytis.tokenizer import Tokenizer
 from tinytis.weights import resolve_model_dir
 
@@ -41,7 +43,7 @@ def budget_value(text: str):
 
 def main():
     parser = ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0])
-    parser.add_argument("task", nargs="?", choices=TASKS + ("all",), help="task to evaluate (or --benchmark)")
+    parser.add_argument("task", nargs="?", choices=TASKS + ("all", "longbench"), help="task to evaluate (or --benchmark)")
     parser.add_argument("--report", nargs="+", metavar="CSV",
                         help="print the summary tables of earlier results (and --plot them) instead of evaluating")
     parser.add_argument("--benchmark", dest="benchmark", choices=TASKS + ("all",), help=argparse_alias("task"))
@@ -59,6 +61,9 @@ def main():
     parser.add_argument("--family", choices=FAMILIES + ("both",), default="both",
                         help="prompts of the training distribution (id), the held-out prompt family (ood), or both "
                              "side by side")
+    parser.add_argument("--data", type=Path, help="longbench: a JSONL file of records with context, input, answers")
+    parser.add_argument("--max-len", type=int, help="longbench: contexts longer than this many tokens are truncated "
+                                                     "from the middle (default: the model's context less 64 tokens)")
     parser.add_argument("--output", default="results.csv", help="CSV to write (timings go beside it)")
     parser.add_argument("--plot", default=None, help="directory for heatmaps and budget curves (PNG)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model directory or cached hub id")
@@ -101,6 +106,14 @@ def main():
     if args.model == DEFAULT_MODEL and not (model_dir / "config.json").exists():
         raise UserError(f"the embedded model is missing from {DEFAULT_MODEL}; train it with `python train.py base`")
     model = Transformer.from_pretrained(model_dir, device=device)
+    tok = Tokenizer.from_dir(model_dir)
+    data = {}
+    if task == "longbench":
+        if args.data is None:
+            raise UserError("longbench evaluates your own data: give --data FILE.jsonl (LongBench's schema)")
+        max_len = args.max_len or model.args.max_seq_len - 64
+        data = {CellKey("longbench", args.data.stem, "id", max_len, -1.0): longbench.read(args.data, tok, max_len)}
+        lengths = []
     too_long = [L for L in lengths if L + 64 > model.args.max_seq_len]
     if too_long:
         raise UserError(f"length {too_long[0]} is beyond what the model handles ({model.args.max_seq_len} tokens "
@@ -114,9 +127,9 @@ def main():
             raise UserError(f"--dms-model {args.dms_model} is not a model directory; retrofit one with "
                             f"`python train.py dms --out {args.dms_model}` or leave dms out of --policies")
 
-    tasks = [t for t in TASKS if task in (t, "all")]
+    tasks = [t for t in TASKS if task in (t, "all")] or [task]
     settings = ["agnostic", "aware"] if args.setting == "both" else [args.setting]
-    evaluator = Evaluator(model, Tokenizer.from_dir(model_dir), model_dir, args.batch_size, args.seed, policy_models)
+    evaluator = Evaluator(model, tok, model_dir, args.batch_size, args.seed, policy_models, data)
     rank, world = shard.init()
     families = FAMILIES if args.family == "both" else (args.family,)
     rows = evaluator.run(tasks, policies, budgets, settings, lengths, depths, litm_docs, args.n_samples, rank, world,

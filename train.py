@@ -3,13 +3,16 @@
     python train.py base      # tokenizer + Mistral-architecture model from scratch -> models/tiny
     python train.py oracle    # TIS stage 1: importance head supervised by oracle attention mass
     python train.py [ert]     # TIS stage 3: oracle warm start, then ERT -> models/tiny/tis_components.pt
+    python train.py ert --model DIR_OR_HUB_ID --quant nf4 --data my.jsonl   # TIS for your model, on your data
     python train.py dms       # DMS retrofit of the base model -> models/tiny-dms (a model directory + dms_metadata.json)
     python train.py trimkv    # TRIM-KV retention gates -> models/tiny/trimkv_gates.safetensors
 """
 import sys
+from pathlib import Path
 
 import torch
 
+from tinytis.device import add_device_flag
 from tinytis.errors import ArgumentParser, run_cli
 from tinytis.importance import COMPONENTS_FILE
 from tinytis.train.base import train_base
@@ -23,7 +26,9 @@ def frozen_model_stage(sub, name: str, help: str, out_file: str, what: str, step
                        lr: float):
     """A stage that trains eviction components on the frozen base model (oracle, ert, trimkv): its common flags."""
     p = sub.add_parser(name, help=help)
-    p.add_argument("--model", default="models/tiny", help="frozen base model directory")
+    p.add_argument("--model", default="models/tiny", help="frozen base model: a directory or a cached hub id")
+    p.add_argument("--quant", choices=["nf4"], help="hold the frozen base in NF4 (gradients reach only the components)")
+    add_device_flag(p)
     p.add_argument("--out", default=None, help=f"{what} file to write (default: MODEL/{out_file})")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--lr", type=float, default=lr)
@@ -47,6 +52,8 @@ def main():
                                lr=1e-3)  # 3e-3 collapsed beyond ~400 ERT steps (docs/results.md)
         p.add_argument("--shared-score", action="store_true",
                        help="one score per token shared by every layer and KV head (default: one per layer and KV head)")
+        p.add_argument("--data", type=Path, help="train on your own data: a JSONL file in LongBench's schema (context, "
+                                                 "input, answers); contexts past --max-len are truncated from the middle")
         if name == "ert":
             p.add_argument("--oracle-steps", type=int, default=200, help="alignment-only warm-start steps first")
             p.add_argument("--lambda-align", type=float, default=0.1, help="weight of the alignment term")

@@ -1,5 +1,7 @@
-"""bench.py: the load-time memory bound of the lazy loader, and the speed comparison end to end."""
+"""bench.py: the load-time memory bounds of the streaming loader (dense, and `bench.py load` in NF4), and the speed
+comparison end to end."""
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -11,7 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench import measure_load  # noqa: E402
+from tinytis.bench.load import measure_dense_load  # noqa: E402
 from tinytis.config import ModelArgs  # noqa: E402
 
 # 58M parameters: 230 MB in fp32, embeddings a quarter of it each, as in a small real model
@@ -20,10 +22,33 @@ ARGS = ModelArgs(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, hidd
 
 @pytest.mark.parametrize("dtype, file_dtype", [("float32", torch.float32), ("bfloat16", torch.float32)])
 def test_peak_rss_while_loading_is_about_one_copy_of_the_weights(dtype, file_dtype):
-    m = measure_load(ARGS, dtype, file_dtype)
+    m = measure_dense_load(ARGS, dtype, file_dtype)
     assert m["weights"] == 57_680_384 * torch.tensor([], dtype=getattr(torch, dtype)).element_size()
     assert m["final"] - m["base"] >= 0.95 * m["weights"]  # the weights are really resident...
     assert (m["peak"] - m["base"]) / m["weights"] < 1.3  # ...and loading them never held much more
+
+
+# two layers and a large vocabulary: the bf16 embedding and lm_head (64 MiB each) are the largest tensors, as in 7B
+LOAD_FLAGS = "--dim 1024 --n-layers 2 --n-heads 16 --n-kv-heads 4 --head-dim 64 --hidden-dim 2048 --vocab-size 32768"
+
+
+def test_load_writes_the_hub_layout_once_and_holds_the_rss_bound(tmp_path):
+    """`bench.py load` at a small shape: the sharded checkpoint (with a tokenizer.json transformers reads), the NF4
+    load's peak RSS growth within 1.15 x the NF4 bytes held + the largest bf16 tensor, and a second run reuses it."""
+    cmd = [sys.executable, str(ROOT / "bench.py"), "load", *LOAD_FLAGS.split(), "--cache-dir", str(tmp_path),
+           "--threads", "1", "--no-peers"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr
+    (path,) = tmp_path.iterdir()
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.model", "tokenizer.json"} <= {f.name for f in path.iterdir()}
+    result = json.loads(r.stdout.split("json: ", 1)[1])
+    ours = result["tinytis"]
+    assert ours["bytes_held"] == 143_423_800  # 2 x 64 MiB bf16 embeddings + 17.8M weights in NF4 + norms
+    assert ours["load_peak_rss"] - ours["base_rss"] <= 1.15 * ours["bytes_held"] + result["largest_tensor"]
+    assert ours["decode_tok_s"] > 0 and "its growth over the RSS before loading" in r.stdout
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert "(cached)" in r.stdout
 
 
 def test_speed_prints_both_engines_and_ratios():

@@ -1,11 +1,13 @@
 """ModelArgs: the shape of a Mistral-architecture model (or a Qwen3 one: the same plus q/k RMSNorm), read from HF
 config.json or params.json."""
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tinytis.errors import UserError
 
+MAX_LAYERS, MAX_SIZE = 1024, 1 << 30  # beyond any released model: a config past them is corrupt, not big
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -27,6 +29,21 @@ class ModelArgs:
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each query and key head before RoPE
 
     def __post_init__(self):
+        """A config of the wrong types or out of range is a UserError here, not a crash in the model."""
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size", "max_seq_len"):
+            if not _integer(getattr(self, name), 1, MAX_LAYERS if name == "n_layers" else MAX_SIZE):
+                raise UserError(f"model config: {name} = {getattr(self, name)!r} is not a positive integer in range; fix the config")
+        for name, low in (("norm_eps", 0.0), ("rope_theta", 1.0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v < math.inf:
+                raise UserError(f"model config: {name} = {v!r} is not a finite number >= {low:g}; fix the config")
+        if self.sliding_window is not None and not _integer(self.sliding_window, 1, MAX_SIZE):
+            raise UserError(f"model config: sliding_window = {self.sliding_window!r} is neither null nor a positive integer")
+        if not isinstance(self.tie_embeddings, bool):
+            raise UserError(f"model config: tie_word_embeddings = {self.tie_embeddings!r} is not true or false")
+        if self.rope_scaling is not None and not all(
+                not isinstance(v, bool) and isinstance(v, (int, float)) and 0 < v < math.inf for v in self.rope_scaling.values()):
+            raise UserError(f"model config: rope_scaling {self.rope_scaling!r} holds a value that is not a positive number")
         if self.n_heads % self.n_kv_heads:
             raise UserError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; fix the model config")
 
@@ -35,6 +52,8 @@ class ModelArgs:
         model_type = cfg.get("model_type")
         if model_type not in ("mistral", "llama", "qwen3"):
             raise UserError(f"unknown model_type {model_type!r} in config.json; tinytis runs 'mistral', 'llama' and 'qwen3' models")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise UserError(f"hidden_act {cfg['hidden_act']!r} in config.json: tinytis implements the SiLU (SwiGLU) MLP only")
         if cfg.get("attention_bias"):
             raise UserError("config.json asks for biases on the attention projections; tinytis implements them without")
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
@@ -123,6 +142,10 @@ def sliding_window(cfg: dict) -> int | None:
     if cfg.get("use_sliding_window"):
         raise UserError("config.json enables Qwen3's per-layer sliding window; tinytis runs Qwen3 with full attention only")
     return None
+
+
+def _integer(v, low: int, high: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
 
 
 MISTRAL_7B_V03 = ModelArgs()

@@ -237,11 +237,12 @@ class Transformer(nn.Module):
             model = cls(args)
         expected = dict(model.named_parameters())
         quantized = nf4.block_linear_names(model) if quant == "nf4" else set()
-        loaded = set()
-        for name, tensor in checkpoint.tensors(args, dtype):
+        loaded, tied_copy = set(), None
+        for name, tensor in checkpoint.tensors(args, dtype, frozenset(quantized)):
             tensor = tensor.to(device)
             if name == "output.weight" and args.tie_embeddings:
-                continue  # tied to tok_embeddings below
+                tied_copy = tensor  # tied to tok_embeddings below; a checkpoint may store it, equal
+                continue
             if name not in expected:
                 raise UserError(f"{path}: unexpected weight {name!r}; the checkpoint does not match a {args.n_layers}-layer Mistral")
             if tensor.shape != expected[name].shape:
@@ -255,6 +256,9 @@ class Transformer(nn.Module):
                 model.load_state_dict({name: tensor}, strict=False, assign=True)
             loaded.add(name)
         if args.tie_embeddings:
+            if tied_copy is not None and not torch.equal(tied_copy, model.tok_embeddings.weight):
+                raise UserError(f"{path}: config.json ties lm_head to the embedding, but the checkpoint's lm_head differs; "
+                                "config and weights do not belong together")
             model.output.weight = model.tok_embeddings.weight
             loaded.add("output.weight")
         if (path / METADATA_FILE).exists():

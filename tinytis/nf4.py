@@ -134,14 +134,22 @@ def dequantize_absmax(w) -> torch.Tensor:
     return (_blocks(code, NESTED_BLOCK) * w.nested_absmax[:, None]).view(-1)[: w.absmax.numel()] + w.offset
 
 
+QUANT_CHUNK = 1 << 20  # weights quantized at a time (a multiple of BLOCK): bounds the temporaries to ~15 MB
+
+
 def quantize(w: torch.Tensor, double_quant: bool = True) -> NF4Weight:
-    """Quantize a float tensor to NF4, byte for byte as bitsandbytes.functional.quantize_4bit(quant_type='nf4')."""
-    blocks = _blocks(w.float(), BLOCK)  # (n_blocks, 64), the last block zero-padded
-    absmax = blocks.abs().amax(dim=1)
-    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1)
-    n = w.numel()
-    q = torch.bucketize(scaled, _midpoints(NF4_CODE)).to(torch.uint8).view(-1)[: n + n % 2]
-    packed = q[0::2] << 4 | q[1::2]
+    """Quantize a float tensor to NF4, byte for byte as bitsandbytes.functional.quantize_4bit(quant_type='nf4').
+    Chunk by chunk, so w may be a view of a memory-mapped file and its dense copy is never made."""
+    flat, packed, absmax = w.reshape(-1), [], []
+    for start in range(0, flat.numel(), QUANT_CHUNK):
+        chunk = flat[start : start + QUANT_CHUNK]
+        blocks = _blocks(chunk.float(), BLOCK)  # (n_blocks, 64), the last block of w zero-padded
+        absmax.append(blocks.abs().amax(dim=1))
+        scaled = (blocks * (1.0 / absmax[-1].clamp(min=1e-38))[:, None]).clamp(-1, 1)
+        n = chunk.numel()
+        q = torch.bucketize(scaled, _midpoints(NF4_CODE), out_int32=True).to(torch.uint8).view(-1)[: n + n % 2]
+        packed.append(q[0::2] << 4 | q[1::2])
+    packed, absmax = torch.cat(packed), torch.cat(absmax)
     if not double_quant:
         return NF4Weight(packed, absmax, w.shape, w.dtype)
     absmax_u8, nested, offset = _quantize_absmax(absmax)

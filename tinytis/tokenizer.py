@@ -14,7 +14,7 @@ class Tokenizer:
             self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         except (OSError, RuntimeError) as e:
             raise UserError(f"cannot load tokenizer {model_file}: {e}")
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.model_file, self.bos_id, self.eos_id = model_file, self.sp.bos_id(), self.sp.eos_id()
 
     @classmethod
     def from_dir(cls, path: Path) -> "Tokenizer":
@@ -22,6 +22,13 @@ class Tokenizer:
             if (path / name).exists():
                 return cls(path / name)
         raise UserError(f"{path} has no tokenizer.model or tokenizer.model.v3")
+
+    def require_bos_eos(self):
+        """Training and evaluation put BOS before a context and EOS after an answer: a tokenizer without them cannot."""
+        missing = [name for name, i in (("BOS", self.bos_id), ("EOS", self.eos_id)) if i < 0]
+        if missing:
+            raise UserError(f"tokenizer {self.model_file} has no {' or '.join(missing)} token; tinytis needs both "
+                            "(BOS starts a context, EOS ends an answer)")
 
     @property
     def vocab_size(self) -> int:

@@ -7,6 +7,7 @@ keep their names and have the rows of wq/wk permuted from interleaved pairs to h
 import json
 import os
 import re
+import struct
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,6 +37,9 @@ HF_TO_TINYTIS = {
     "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
 }
 TINYTIS_TO_HF = {v: k for k, v in HF_TO_TINYTIS.items()}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
 
 
 def _rename(name: str, table: dict) -> str | None:
@@ -103,22 +107,29 @@ class Checkpoint:
         if missing:
             raise UserError(f"{path}: shard {missing[0]} named by the index is missing ({len(missing)} missing); download it again")
 
-    def tensors(self, args: ModelArgs, dtype: torch.dtype | None = None):
+    def tensors(self, args: ModelArgs, dtype: torch.dtype | None = None, quantized: frozenset = frozenset()):
         """Yield (tinytis name, tensor) for every weight, in dtype (default: as stored), converted to
-        tinytis' RoPE convention.
+        tinytis' RoPE convention; the weights named in `quantized` as NF4Weights, quantized as they arrive.
 
-        Each tensor is copied out of a mapping opened for it alone: the file pages it touched leave
-        the resident set when that mapping closes, so loading holds about one copy of the model.
+        safetensors' own parser validates each file's header; the tensors are then read with plain file
+        reads, one at a time, never memory-mapped, so no page of the file stays in the resident set and
+        loading holds the loaded model plus the one tensor in flight. Every weight is checked finite.
         """
         for file in self.files:
             with _open(file) as f:
                 names = list(f.keys())
+            header, data_start = _header(file)
             for name in names:
                 if name.endswith(nf4.BNB_SUFFIXES):
                     continue  # the quantization state of an NF4 weight, read with the weight
-                with _open(file) as f:
-                    tensor = _read(f, name, names, dtype)
-                yield from self._convert(name, tensor, args)
+                if name + nf4.BNB_SUFFIXES[-1] in names:
+                    with _open(file) as f:
+                        parts = {s: f.get_tensor(name + s).clone() for s in ("",) + nf4.BNB_SUFFIXES if name + s in names}
+                    tensor = nf4.NF4Weight.from_bnb(parts, name)
+                else:
+                    tensor = _read(file, name, header[name], data_start, dtype)
+                for n, t in self._convert(name, tensor, args):
+                    yield n, _own(n, t, n in quantized, file)
 
     def _convert(self, name: str, tensor: torch.Tensor, args: ModelArgs):
         if self.layout == "hf":
@@ -132,13 +143,46 @@ class Checkpoint:
         yield name, tensor
 
 
-def _read(f, name: str, names: list, dtype: torch.dtype | None):
-    """A copy of one tensor in dtype; for a weight saved in NF4 by transformers + bitsandbytes, its NF4Weight as stored."""
-    if name + nf4.BNB_SUFFIXES[-1] not in names:
-        tensor = f.get_tensor(name)
-        return tensor.to(dtype or tensor.dtype, copy=True)
-    parts = {s: f.get_tensor(name + s).clone() for s in ("",) + nf4.BNB_SUFFIXES if name + s in names}
-    return nf4.NF4Weight.from_bnb(parts, name)
+def _header(file: Path) -> tuple[dict, int]:
+    """A safetensors header (already validated by safe_open) and where the data starts."""
+    with open(file, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(n)), 8 + n
+
+
+def _read(file: Path, name: str, entry: dict, data_start: int, dtype: torch.dtype | None) -> torch.Tensor:
+    """One float tensor, read from the file into memory of its own, in dtype (default: as stored); a conversion
+    goes through one chunk at a time, so it never holds the tensor twice."""
+    stored = SAFETENSORS_DTYPES.get(entry["dtype"])
+    if stored is None or not stored.is_floating_point:
+        raise UserError(f"{file}: weight {name} is stored as {entry['dtype']}, not a float type tinytis loads; "
+                        "the file is corrupt or not a model's weights")
+    out = torch.empty(entry["shape"], dtype=dtype or stored)
+    flat = out.view(-1)
+    with open(file, "rb") as f:
+        f.seek(data_start + entry["data_offsets"][0])
+        if out.dtype == stored:
+            f.readinto(flat.view(torch.uint8).numpy())
+            return out
+        for start in range(0, flat.numel(), nf4.QUANT_CHUNK):
+            chunk = torch.empty(min(nf4.QUANT_CHUNK, flat.numel() - start), dtype=stored)
+            f.readinto(chunk.view(torch.uint8).numpy())
+            flat[start : start + chunk.numel()] = chunk
+    return out
+
+
+def _own(name: str, tensor, quantize: bool, file: Path):
+    """A tensor as loaded: quantized to NF4 if asked; a non-finite value (a corrupt file) is a UserError."""
+    if isinstance(tensor, nf4.NF4Weight):
+        return tensor
+    if quantize:  # nan or inf in a block makes its absmax, and so their mean (the double-quant offset), non-finite
+        tensor = nf4.quantize(tensor)
+        finite = tensor.absmax.isfinite().all() if tensor.nested_absmax is None else tensor.offset.isfinite()
+    else:
+        finite = all(chunk.isfinite().all() for chunk in tensor.view(-1).split(nf4.QUANT_CHUNK))
+    if not finite:
+        raise UserError(f"{file}: weight {name} holds non-finite values (inf or nan); the file is corrupt, download it again")
+    return tensor
 
 
 @contextmanager

@@ -1,1 +1,1 @@
-"""The benchmarks behind bench.py, one module each; bench.py is the argparse over them."""
+"""Benchmarks behind bench.py: one module per subcommand, shared helpers in common."""

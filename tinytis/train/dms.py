@@ -18,6 +18,7 @@ from tqdm import tqdm
 from tinytis.dms import DMSConfig, SequenceAttention, attach
 from tinytis.ert import kl_full_evicted
 from tinytis.errors import UserError
+from tinytis.hf_tokenizer import write_hf_tokenizer
 from tinytis.model import Transformer
 from tinytis.tasks import Sample, fidelity, training
 from tinytis.tasks.seeds import EVAL_SEEDS
@@ -28,7 +29,6 @@ from tinytis.train.tis import TIS_FAMILIES
 from tinytis.weights import save_hf
 
 DMS_TOKENS_PER_STEP = 2048
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def sequence_batch(tok: Tokenizer, samples: list[Sample]):
@@ -152,8 +152,8 @@ def train_dms(args):
     gate = dms_gate(teacher, student, tok)
     print(f"held-out gate (strict mask, {gate['n']} fidelity samples): {gate}")
     save_hf(student.state_dict(), out, student.args)
-    for name in TOKENIZER_FILES:
-        shutil.copy(base_dir / name, out / name)
+    shutil.copy(base_dir / "tokenizer.model", out / "tokenizer.model")
+    write_hf_tokenizer(out, student.args.max_seq_len)  # tokenizer.json and the configs transformers reads
     config.extra["gate"] = gate
     config.save(out, student.args)
     (out / "training_log.json").write_text(json.dumps(state["log"], indent=1) + "\n")

@@ -17,7 +17,8 @@ from tinytis.anchors import Anchors
 from tinytis.ert import kl_full_evicted
 from tinytis.tasks import training
 from tinytis.train.common import cosine_lr, optimizer_step, save_checkpoint, save_components, start_or_resume
-from tinytis.train.tis import TIS_FAMILIES, TIS_TOKENS_PER_STEP, context_batch, evaluate_eviction, frozen_model_start
+from tinytis.train.tis import (TIS_FAMILIES, TIS_TOKENS_PER_STEP, context_batch, evaluate_eviction, frozen_model_start,
+                               on_device)
 from tinytis.trimkv import GATES_FILE, GatedContextKV, RetentionGates, capacity_loss, compression_log_alpha
 
 TRIMKV_EVAL_BUDGETS = (0.05, 0.1, 0.25)
@@ -26,7 +27,7 @@ TRIMKV_EVAL_BUDGETS = (0.05, 0.1, 0.25)
 def trimkv_losses(model, gates, batch, memory_size: int):
     """(KL(full || gated), next-token loss, capacity loss) for one batch; the base model is frozen, only the gates
     get gradients. The continuation attends to the context keys with log alpha at the compression time added."""
-    ctx_ids, ctx_pos, cont_ids, cont_pos, cont_mask = batch
+    ctx_ids, ctx_pos, cont_ids, cont_pos, cont_mask = on_device(batch, model)
     cache = GatedContextKV()
     with torch.no_grad():
         model.hidden_states(ctx_ids, ctx_pos, cache)
@@ -48,8 +49,8 @@ def train_trimkv(args):
     model_dir, run, model, tok, count, command = frozen_model_start(args)
     # the gates start at beta = 1 - 1 / (2 M): a head's retention sums to about twice the memory
     gates = RetentionGates(model.args, args.gate_hidden, bias_init=math.log(2 * args.memory_size - 1), seed=args.seed,
-                           meta={"base_model": str(model_dir), "memory_size": args.memory_size,
-                                 "buffer_size": args.buffer_size, "command": command})
+                           meta={"base_model": args.model, "memory_size": args.memory_size,
+                                 "buffer_size": args.buffer_size, "command": command}).to(model.norm.weight.device)
     opt = torch.optim.AdamW(gates.parameters(), lr=args.lr, weight_decay=0.0)
     state = {"step": 0, "rng": random.Random(args.seed).getstate(), "log": []}
     ckpt = run / "trimkv.pt"
