@@ -13,7 +13,6 @@ import struct
 from collections import Counter
 from pathlib import Path
 
-import pytest
 import sentencepiece as spm
 import torch
 
