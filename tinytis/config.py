@@ -32,7 +32,7 @@ class ModelArgs:
         """A config of the wrong types or out of range is a UserError here, not a crash in the model."""
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size", "max_seq_len"):
             if not _integer(getattr(self, name), 1, MAX_LAYERS if name == "n_layers" else MAX_SIZE):
-                raise UserError(f"model config: {name} = {getattr(self, name)!r} is not a positive integer in range; fix the config")
+                raise UserError(f"model config: {name} = {getattr(self, name)!r} is not a positive integer in range")
         for name, low in (("norm_eps", 0.0), ("rope_theta", 1.0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v < math.inf:
