@@ -49,7 +49,7 @@ def mistral_dir(tmp_path_factory):
 def test_longbench_scores_equal_narrative_on_the_same_samples(tmp_path):
     data = write_jsonl(tmp_path / "own.jsonl", narrative_records())
     grid = ["--policies", "full,snapkv", "--budgets", "0.25", "--setting", "both", "--batch-size", "10"]
-    a = run("eval.py", "narrative", "--lengths", "256", "--depths", "0.5", "--n-samples", "20", *grid,
+    a = run("eval.py", "narrative", "--lengths", "256", "--depths", "0.5", "--n-samples", "20", "--family", "id", *grid,
             "--output", tmp_path / "narrative.csv")
     b = run("eval.py", "longbench", "--data", data, *grid, "--output", tmp_path / "longbench.csv",
             "--plot", tmp_path / "plots")
@@ -96,6 +96,7 @@ def test_ert_gradients_reach_only_the_components_of_an_nf4_base(mistral_dir):
     """Five ERT steps (alignment + KL) on the NF4 model: the head moves, no base weight does, not even by a bit."""
     from tinytis.tasks.longbench import Record
     from tinytis.train.common import optimizer_step
+    from tinytis.anchors import Anchors
     from tinytis.train.tis import context_batch, tis_losses
 
     model = Transformer.from_pretrained(mistral_dir, quant="nf4").requires_grad_(False)
@@ -108,7 +109,7 @@ def test_ert_gradients_reach_only_the_components_of_an_nf4_base(mistral_dir):
     head = {k: v.clone() for k, v in tis.state_dict().items()}
     opt = torch.optim.AdamW(tis.parameters(), lr=1e-2)
     for _ in range(5):
-        align, kl = tis_losses(model, tis, context_batch(tok, samples), 0.25, (2, 4))
+        align, kl = tis_losses(model, tis, context_batch(tok, samples), 0.25, Anchors(2, 4))
         optimizer_step(opt, kl + 0.1 * align)
     assert all(not torch.equal(v, head[k]) for k, v in tis.state_dict().items() if k.endswith("weight"))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tinytis.config import ModelArgs
+from tinytis.hf_tokenizer import write_hf_tokenizer
 from tinytis.model import Transformer
 from tinytis.tasks import training
 from tinytis.tasks.seeds import EVAL_SEEDS
@@ -124,15 +125,6 @@ def train_tokenizer(out: Path, vocab_size: int, seed: int):
     (out / "tokenizer.vocab").unlink()
 
 
-def write_hf_tokenizer_files(out: Path):
-    """The files transformers' AutoTokenizer needs beside tokenizer.model (tests use it as an oracle)."""
-    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-              "add_bos_token": True, "add_eos_token": False, "legacy": False, "model_max_length": TINY.max_seq_len}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-
-
 # ---------------------------------------------------------------------------- the run
 
 def train_base(args):
@@ -142,7 +134,7 @@ def train_base(args):
     torch.manual_seed(args.seed)
     if not (out / "tokenizer.model").exists():
         train_tokenizer(out, TINY.vocab_size, args.seed)
-    write_hf_tokenizer_files(out)
+    write_hf_tokenizer(out, TINY.max_seq_len)
     tok = Tokenizer(out / "tokenizer.model")
 
     model = Transformer(TINY)
