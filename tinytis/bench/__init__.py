@@ -1,0 +1,1 @@
+"""Benchmarks behind bench.py: one module per subcommand, shared helpers in common."""
