@@ -51,7 +51,8 @@ class ManagerConfig:
 
 class TokenStore:
     """The tokens of one sequence still held by at least one head, by position: pos (N,), ids (N,) and, when the
-    policy needs hidden states, hidden (N, dim). The arrays grow by doubling, so recording a token copies nothing."""
+    policy needs hidden states, hidden (N, dim). The arrays grow by doubling, so recording a token copies nothing
+    (what a policy was shown, the first N rows, never changes)."""
 
     def __init__(self, device, dim: int | None):
         self.n = 0
@@ -72,10 +73,9 @@ class TokenStore:
         self.n = n
 
     def keep(self, mask):
-        kept = [x[: self.n][mask] for x in self.arrays]
-        self.n = len(kept[0])
-        for x, y in zip(self.arrays, kept):
-            x[: self.n] = y
+        """Keep the tokens where mask (N,) is True, in new arrays: what a policy was shown stays as it was."""
+        self.arrays = [x[: self.n][mask] for x in self.arrays]
+        self.n = len(self.arrays[0])
 
     def copy(self) -> "TokenStore":
         other = copy.copy(self)
