@@ -171,9 +171,10 @@ class PagedKVCache:
         """
         T = positions.shape[1]
         real = positions >= 0
+        padded = not bool(real.all())
         n_new = real.sum(1)
         rank = torch.arange(T, device=positions.device) - (T - n_new)[:, None]  # (B, T) index among the row's new tokens
-        if not torch.equal(rank >= 0, real):
+        if padded and not torch.equal(rank >= 0, real):
             raise ValueError("padding (position -1) must come before the tokens of each row")
         self.q_pos, self.past_len = positions, self.length  # (B, T), (L, B, KV) before this chunk
         new_len = self.length + n_new[None, :, None]
@@ -202,7 +203,7 @@ class PagedKVCache:
             self.n_keys = n_keys.tolist()
         self.causal = torch.ones(T, S, dtype=torch.bool, device=slot.device).tril(S - T)  # queries = the last T columns
         # plain[layer]: each query sees exactly the keys up to its own column, which attend() does without a mask
-        plain = bool(real.all()) and self.args.sliding_window is None and self.observe.dms_window is None
+        plain = not padded and self.args.sliding_window is None and self.observe.dms_window is None
         self.plain = [plain and not r for r in ragged]
         self.counted, self.first_counted = self._counted_queries()
         if self.observe.window is not None:
@@ -244,23 +245,32 @@ class PagedKVCache:
             S = self.n_keys[layer]
             cols = slice(self.causal.shape[1] - S, None)  # this layer's key columns
             keys, values = self._gather(self.read_rows[layer][..., cols], (B, KV, S, D))
-            key_slot, key_pos = self.key_slot[layer][..., cols], self.key_pos[layer][..., cols]
         else:  # nothing held before: the chunk attends to itself, as in the dense cache
             cols = slice(None)
-            keys, values, key_slot, key_pos = k, v, self.write_slot[layer], self.q_pos[:, None]
+            keys, values = k, v
         if self.plain[layer]:
             visible, mask = self.causal[None, None, :, cols], None
         elif self.attends_to_past or dms:  # DMS decisions differ by layer and head
-            visible = self._visible(key_pos, self._evicted(layer, key_slot) if dms else None)  # (B, KV or 1, T, S)
+            evicted = self._evicted(layer, self._key_slot(layer, cols)) if dms else None
+            visible = self._visible(self._key_pos(layer, cols), evicted)  # (B, KV or 1, T, S)
             mask = self._mask(visible, H, q.dtype)
         else:
             if self.self_mask is None:  # the same in every layer
-                self.self_visible = self._visible(key_pos)  # (B, 1, T, T)
+                self.self_visible = self._visible(self._key_pos(layer, cols))  # (B, 1, T, T)
                 self.self_mask = self._mask(self.self_visible, H, q.dtype)
             visible, mask = self.self_visible, self.self_mask
         out = attend(q, keys, values, mask)
-        self._observe(layer, q, keys, visible, key_slot)
+        if self.counted is not None:
+            self._observe(layer, q, keys, visible, self._key_slot(layer, cols))
         return out
+
+    def _key_slot(self, layer, cols):
+        """The slot of each key column of this layer's attention, (B, KV, S), -1 where the head holds none."""
+        return self.key_slot[layer][..., cols] if self.attends_to_past else self.write_slot[layer]
+
+    def _key_pos(self, layer, cols):
+        """The position of each key column, (B, KV or 1, S), -1 where the head holds none."""
+        return self.key_pos[layer][..., cols] if self.attends_to_past else self.q_pos[:, None]
 
     def _gather(self, rows, shape):
         """K and V at pool rows (B, KV, S) as shape (B, KV, S, D), gathered into buffers that every layer and forward
@@ -356,8 +366,6 @@ class PagedKVCache:
     def _observe(self, layer, q, keys, visible, key_slot):
         """Record what self.observe asks for from this layer's attention probabilities, a block of queries at a time.
         visible: (B, KV or 1, T, Tk); key_slot: (B, KV, Tk) the slot of each key, -1 for none."""
-        if self.counted is None:
-            return
         B, H, T, D = q.shape
         KV, Tk = keys.shape[1], keys.shape[2]
         G = H // KV
