@@ -92,12 +92,12 @@ def check_default_model(model: str):
 def stats_line(gen, policy: str, budget) -> str:
     new = gen.new_tokens
     prefill = gen.prompt_tokens / gen.prefill_s if gen.prefill_s > 0 else float("inf")
-    decode = new / gen.decode_s if gen.decode_s > 0 else float("inf")
+    decode = gen.decode_tok_s
     s = gen.stats  # the cache right after eviction
     per_head = sum(map(sum, s["tokens_held"])) / sum(map(len, s["tokens_held"]))
     return (
         f"[tinytis] prompt tokens {gen.prompt_tokens} | new tokens {new} | prefill {prefill:.1f} tok/s | "
-        f"decode {decode:.1f} tok/s | KV held {gen.kv_bytes / 2**20:.2f} MiB ({gen.kv_bytes} bytes) | "
+        f"decode {decode:.1f} tok/s (after the first step) | KV held {gen.kv_bytes / 2**20:.2f} MiB ({gen.kv_bytes} bytes) | "
         f"after eviction ({policy}, budget {budget}): {per_head:g} of {s['tokens_full']} tokens per head, "
         f"{s['kv_bytes_held'] / 2**20:.2f} of {s['kv_bytes_full'] / 2**20:.2f} MiB"
     )

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tinytis.bench.load import measure_dense_load  # noqa: E402
 from tinytis.config import ModelArgs  # noqa: E402
+from tinytis.policies import POLICIES  # noqa: E402
 
 # 58M parameters: 230 MB in fp32, embeddings a quarter of it each, as in a small real model
 ARGS = ModelArgs(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536, vocab_size=32768)
@@ -51,16 +52,31 @@ def test_load_writes_the_hub_layout_once_and_holds_the_rss_bound(tmp_path):
     assert "(cached)" in r.stdout
 
 
-def test_speed_prints_both_engines_and_ratios():
+def test_speed_runs_the_paged_path_against_transformers():
+    """A tiny subset of bench.py speed: the full cache and h2o at two budgets against transformers, one table."""
     pytest.importorskip("transformers")
-    flags = "--dim 64 --n-layers 2 --n-heads 4 --n-kv-heads 2 --head-dim 16 --hidden-dim 128 --vocab-size 512 --prompt-len 32 --new-tokens 8"
+    flags = ("--models random --dim 64 --n-layers 2 --n-heads 4 --n-kv-heads 2 --head-dim 16 --hidden-dim 128 "
+             "--vocab-size 512 --contexts 48 --new-tokens 6 --threads 1 --dtypes float32 --policies full,h2o "
+             "--budgets 1.0,0.5 --reps 1")
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "speed", *flags.split()], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
     assert r.returncode == 0, r.stderr
-    diff = float(re.search(r"max \|logit diff\| at the last prompt position (\S+)", r.stdout).group(1))
+    diff = float(re.search(r"same weights: max \|logit diff\| after the prompt (\S+)", r.stdout).group(1))
     assert diff < 1e-4  # both engines ran the same weights
-    for row in ("tinytis", "transformers", "tinytis / transformers"):
-        assert re.search(rf"^{re.escape(row)}\s+[\d.]+x?\s+[\d.]+x?$", r.stdout, re.M), r.stdout
+    for engine in ("transformers", "tinytis full 1", "tinytis h2o 1", "tinytis h2o 0.5"):
+        row = re.search(rf"^random\s+float32\s+1\s+48 {re.escape(engine)}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x\s+([\d.]+)x$",
+                        r.stdout, re.M)
+        assert row, r.stdout
+        assert min(map(float, row.groups())) > 0
+        if engine == "transformers":
+            assert row.group(3) == row.group(4) == "1.00"
+
+
+def test_speed_flags_are_checked():
+    pytest.importorskip("transformers")
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "speed", "--policies", "full,nope"], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert r.returncode == 2 and r.stderr.strip() == "error: unknown policy 'nope'; choose from " + ", ".join(POLICIES)
 
 
 def test_peers_without_kvpress_is_one_line_and_exit_2(tmp_path):

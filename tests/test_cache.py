@@ -65,6 +65,21 @@ def test_no_eviction_is_bit_identical_to_dense(policy, budget):
     assert paged.stats["tokens_held"] == [[sum(map(len, batch))] * ARGS.n_kv_heads] * ARGS.n_layers
 
 
+@pytest.mark.parametrize("policy,budget", [("full", 1.0), ("h2o", 1.0)])
+def test_one_unpadded_row_is_bit_identical_to_dense(policy, budget):
+    """One row, no padding: the paged cache attends without a mask (plain causal), the dense cache with one."""
+    params = SamplingParams(max_new_tokens=12)
+    model = tiny_model()
+    dense_logits = record_logits(model)
+    dense = generate(model, prompts([77]), params)
+    model = tiny_model()
+    paged_logits = record_logits(model)
+    paged = answer(model, prompts([77]), None, params, policy, budget, n_sink=4, n_recent=8)
+    assert paged.tokens == dense.tokens
+    assert len(paged_logits) == len(dense_logits) == 12
+    assert all(torch.equal(a, b) for a, b in zip(paged_logits, dense_logits))
+
+
 def test_sliding_window_is_bit_identical_to_dense():
     args = ModelArgs(**{**ARGS.__dict__, "sliding_window": 24})
     batch, params = prompts([60, 41]), SamplingParams(max_new_tokens=8)
@@ -183,6 +198,21 @@ MODES = {  # mode -> budget, manager options
     "decode": (0.4, dict(decode_budget=0.3, decode_buffer=3)),
     "ada-pyramid": (0.4, dict(head_adaptive=True, schedule="pyramid")),
 }
+
+
+@pytest.mark.parametrize("mode", ["oneshot", "decode", "ada-pyramid"])
+@pytest.mark.parametrize("policy", ["h2o", "knorm"])
+def test_evicted_one_row_equals_masked_dense(policy, mode):
+    """One row: without padding the paged cache attends without a mask, unless its heads hold different numbers of
+    slots (ada-pyramid)."""
+    budget, options = MODES[mode]
+    model = tiny_model()
+    forwards = record_forwards(model)
+    gen = answer(model, prompts([90], seed=1), prompts([5], seed=2), SamplingParams(max_new_tokens=10), policy, budget,
+                 n_sink=4, n_recent=8, **options)
+    assert sum(map(sum, gen.stats["tokens_held"])) < gen.stats["tokens_full"] * ARGS.n_layers * ARGS.n_kv_heads
+    assert len(forwards) >= 10
+    assert replay_dense(tiny_model(), forwards) <= 1e-5
 
 
 @pytest.mark.parametrize("mode", list(MODES))

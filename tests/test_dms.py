@@ -219,6 +219,31 @@ def test_full_policy_on_a_dms_model_is_the_dms_model_without_eviction():
     assert state.cache.length.min() == len(ids)
 
 
+def test_full_policy_on_a_dms_model_through_the_kernels_matches_torch(monkeypatch):
+    """A DMS model rotates its own q and k, so a kernel decode step writes them into the pages as they are (no fused
+    RoPE) before the paged decode attention: the same tokens as the torch backend, for a left-padded batch."""
+    pytest.importorskip("triton")
+    import kernels
+
+    # the paged decode kernel takes head_dim >= 16
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=97)
+    model = random_model(args, seed=3)
+    attach(model, DMSConfig(window_size=WINDOW, alpha_scale=100.0, alpha_offset=5.0))
+    contexts = random_prompts(args, [9, 30], seed=8)
+
+    def run(backend):
+        monkeypatch.setattr(kernels, "BACKEND", backend)
+        before = kernels.CALLS.copy()
+        state = prefill(model, contexts, CacheManager(args, make_policy("full"), ManagerConfig(1.0)))
+        gen = decode(model, state, None, SamplingParams(max_new_tokens=6), eos_id=None)
+        return gen.tokens, kernels.CALLS - before
+
+    ref_tokens, ref_calls = run("torch")
+    tokens, calls = run("triton")
+    assert tokens == ref_tokens and ref_calls == {}
+    assert calls == {"paged_decode_attention": args.n_layers * 5}  # 6 tokens: 5 decode steps fed
+
+
 # ---------------------------------------------------------------------------- bad input
 
 def run(script, *args):

@@ -23,7 +23,7 @@ V3 = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64, vocab_size=32768, max_seq_len=512)
 PROMPT = "The grass is green. The sky is"
 STATS = re.compile(
-    r"\[tinytis\] prompt tokens (\d+) \| new tokens (\d+) \| prefill [\d.]+ tok/s \| decode [\d.]+ tok/s \| KV held [\d.]+ MiB \((\d+) bytes\)"
+    r"\[tinytis\] prompt tokens (\d+) \| new tokens (\d+) \| prefill [\d.]+ tok/s \| decode [\d.]+ tok/s \(after the first step\) \| KV held [\d.]+ MiB \((\d+) bytes\)"
     r" \| after eviction \(\w+, budget [\d.]+\): [\d.]+ of \d+ tokens per head, [\d.]+ of [\d.]+ MiB"
 )
 PAGE = 16

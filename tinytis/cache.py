@@ -148,6 +148,8 @@ class PagedKVCache:
         self.evict = torch.zeros(L, B, KV, 0, dtype=torch.bool, device=device)
         self.slot_value = torch.zeros(L, B, KV, 0, dtype=acc, device=device)
         self.observe = Observe()
+        self.gathered = pool.k.new_empty(2, 0, args.head_dim)  # K and V rows gathered for attention, reused (_gather)
+        self.slot_rows = None  # pool row of every slot, while the page tables stay as they are (_slot_rows)
 
     @property
     def token_bytes(self) -> int:
@@ -165,12 +167,18 @@ class PagedKVCache:
     # -- forward ---------------------------------------------------------------------------------------------------
 
     def begin_forward(self, positions: torch.Tensor):
-        """Make room for a chunk: positions (B, T), -1 for padding, which must come before a row's tokens."""
+        """Make room for a chunk: positions (B, T), -1 for padding, which must come before a row's tokens; a row's
+        positions increase and come after every position it holds.
+
+        Where the chunk's keys go, which pool rows each layer reads and whether it needs an attention mask are worked
+        out here once for all layers, so that a layer's attend() is a write, a gather and the attention.
+        """
         T = positions.shape[1]
         real = positions >= 0
+        padded = not bool(real.all())
         n_new = real.sum(1)
         rank = torch.arange(T, device=positions.device) - (T - n_new)[:, None]  # (B, T) index among the row's new tokens
-        if not torch.equal(rank >= 0, real):
+        if padded and not torch.equal(rank >= 0, real):
             raise ValueError("padding (position -1) must come before the tokens of each row")
         self.q_pos, self.past_len = positions, self.length  # (B, T), (L, B, KV) before this chunk
         new_len = self.length + n_new[None, :, None]
@@ -179,10 +187,39 @@ class PagedKVCache:
         l, b, h, t = (slot >= 0).nonzero(as_tuple=True)
         self.pos[l, b, h, slot[l, b, h, t]] = positions[b, t]
         self.write_slot, self.length = slot, new_len
-        self.self_visible = self.self_mask = None
-        self.unpadded_first_chunk = T > 1 and not self.past_len.any() and bool(real.all())
+        self.new = slot[0] >= 0  # (B, KV, T) the chunk's real tokens, the same in every layer
+        slot_rows = self._slot_rows()
+        write_rows = slot_rows.gather(-1, slot.clamp(min=0))  # (L, B, KV, T) pool row of each new key
+        self.k_rows, self.v_rows = self.pool.rows("k"), self.pool.rows("v")
         if self.observe.window is not None:
             self.window.zero_()
+        obs = self.observe
+        # one token per row on the kernel backend: the kernels write and read the pages (_decode_kernel)
+        self.kernel_decode = (T == 1 and kernels.use_triton(positions) and obs.window is None
+                              and obs.dms_window is None and self.args.sliding_window is None)
+        if self.kernel_decode:
+            self.write_rows = torch.where(slot >= 0, write_rows, -1)[..., 0].unbind(0)  # per layer (B, KV), -1: padded row
+            return
+        self.write_rows = write_rows[:, self.new].unbind(0)  # per layer (N,)
+        self.self_visible = self.self_mask = None
+        self.attends_to_past = bool(self.past_len.any())
+        S, ragged = T, [False] * len(slot)
+        if self.attends_to_past:  # the held slots of each head, gathered right-aligned into S key columns
+            S = int(new_len.max())
+            col = torch.arange(S, device=slot.device) - (S - new_len)[..., None]  # (L, B, KV, S) slot; < 0: none there
+            held = col >= 0
+            col = col.clamp(min=0)
+            self.read_rows = slot_rows.gather(-1, col).unbind(0)  # per layer (B, KV, S)
+            self.key_slot = torch.where(held, col, -1).unbind(0)
+            self.key_pos = torch.where(held, self.pos.gather(-1, col), -1).unbind(0)
+            n_keys = new_len.amax((1, 2))  # (L,) key columns of each layer: the last n_keys[layer] of the S
+            ragged = (new_len < n_keys[:, None, None]).flatten(1).any(1).tolist()  # a head holds fewer: masked columns
+            self.n_keys = n_keys.tolist()
+        self.causal = torch.ones(T, S, dtype=torch.bool, device=slot.device).tril(S - T)  # queries = the last T columns
+        # plain[layer]: each query sees exactly the keys up to its own column, which attend() does without a mask
+        plain = not padded and self.args.sliding_window is None and self.observe.dms_window is None
+        self.plain = [plain and not r for r in ragged]
+        self.counted, self.first_counted = self._counted_queries()
 
     def decide(self, layer: int, logits):
         """DMS: logits (B, KV, T) of this chunk's tokens; the logit of token t decides about token t - 1 (tinytis.dms),
@@ -208,61 +245,75 @@ class PagedKVCache:
 
         On the kernel backend (kernels.use_triton) a decode step (T = 1) runs two kernels per layer: the fused RoPE +
         page write, then the paged decode attention (with the attention mass only when the policy records it).
-        A first prefill chunk that records no statistics runs causal SDPA without a mask (FlashAttention on CUDA).
+        Elsewhere, a chunk whose queries each see exactly the keys up to their own (self.plain: no padding, no head
+        holding fewer keys, no window or DMS) runs causal SDPA without a mask (FlashAttention on CUDA).
         """
         B, H, T, D = q.shape
         KV = k.shape[1]
-        write = self.write_slot[layer]  # (B, KV, T), -1 for padding
-        new = write >= 0
+        new = self.new
         if self.observe.slot_value is not None:
             b, h, _ = new.nonzero(as_tuple=True)
-            self.slot_value[layer][b, h, write[new]] = self.observe.slot_value(layer, x)[new].to(self.slot_value.dtype)
+            self.slot_value[layer][b, h, self.write_slot[layer][new]] = self.observe.slot_value(layer, x)[new].to(self.slot_value.dtype)
         dms = self.observe.dms_window is not None
-        kernel = kernels.use_triton(q) and rope is not None and self.args.sliding_window is None and not dms
-        if kernel and T == 1 and self.observe.window is None:
+        if self.kernel_decode:
             return self._decode_kernel(layer, q, k, v, rope)
         if rope is not None:
             q, k = rope.apply(q), rope.apply(k)
-        rows = self._rows(self.table[layer], write.clamp(min=0))[new]
-        self.pool.rows("k").index_copy_(0, rows, k[new])
-        self.pool.rows("v").index_copy_(0, rows, v[new])
-        if kernel and not self.observe.mass and self.observe.window is None and self.unpadded_first_chunk:
-            return attend(q, k, v)  # causal over the chunk itself, nothing to record
-        if not self.past_len[layer].any():  # nothing held before: the chunk attends to itself, as in the dense cache
-            keys, values, key_slot = k, v, write
-            if dms:  # decisions differ by layer and head
-                visible = self._visible(self.q_pos[:, None], self._evicted(layer, write)).repeat_interleave(H // KV, dim=1)
-                mask = self._mask(visible, q.dtype)
-            else:
-                if self.self_mask is None:  # the same in every such layer
-                    self.self_visible = self._visible(self.q_pos[:, None])  # (B, 1, T, T)
-                    self.self_mask = self._mask(self.self_visible, q.dtype)
-                visible, mask = self.self_visible, self.self_mask
+        self.k_rows.index_copy_(0, self.write_rows[layer], k[new])
+        self.v_rows.index_copy_(0, self.write_rows[layer], v[new])
+        if self.attends_to_past:
+            S = self.n_keys[layer]
+            cols = slice(self.causal.shape[1] - S, None)  # this layer's key columns
+            keys, values = self._gather(self.read_rows[layer][..., cols], (B, KV, S, D))
+        else:  # nothing held before: the chunk attends to itself, as in the dense cache
+            cols = slice(None)
+            keys, values = k, v
+        if self.plain[layer]:
+            visible, mask = self.causal[None, None, :, cols], None
+        elif self.attends_to_past or dms:  # DMS decisions differ by layer and head
+            evicted = self._evicted(layer, self._key_slot(layer, cols)) if dms else None
+            visible = self._visible(self._key_pos(layer, cols), evicted)  # (B, KV or 1, T, S)
+            mask = self._mask(visible, H, q.dtype)
         else:
-            n = self.length[layer]  # (B, KV)
-            S = int(n.max())
-            slot = torch.arange(S, device=q.device) - (S - n)[..., None]  # (B, KV, S); negative: nothing held there
-            held = slot >= 0
-            slot = slot.clamp(min=0)
-            rows = self._rows(self.table[layer], slot).flatten()
-            keys = self.pool.rows("k").index_select(0, rows).view(B, KV, S, D)
-            values = self.pool.rows("v").index_select(0, rows).view(B, KV, S, D)
-            key_slot = torch.where(held, slot, -1)
-            key_pos = torch.where(held, self.pos[layer].gather(-1, slot), -1)
-            visible = self._visible(key_pos, self._evicted(layer, key_slot) if dms else None)  # (B, KV, T, S)
-            visible = visible.repeat_interleave(H // KV, dim=1)
-            mask = self._mask(visible, q.dtype)
+            if self.self_mask is None:  # the same in every layer
+                self.self_visible = self._visible(self._key_pos(layer, cols))  # (B, 1, T, T)
+                self.self_mask = self._mask(self.self_visible, H, q.dtype)
+            visible, mask = self.self_visible, self.self_mask
         out = attend(q, keys, values, mask)
-        self._observe(layer, q, keys, visible, key_slot)
+        if self.counted is not None:
+            self._observe(layer, q, keys, visible, self._key_slot(layer, cols))
         return out
 
+    def _key_slot(self, layer, cols):
+        """The slot of each key column of this layer's attention, (B, KV, S), -1 where the head holds none."""
+        return self.key_slot[layer][..., cols] if self.attends_to_past else self.write_slot[layer]
+
+    def _key_pos(self, layer, cols):
+        """The position of each key column, (B, KV or 1, S), -1 where the head holds none."""
+        return self.key_pos[layer][..., cols] if self.attends_to_past else self.q_pos[:, None]
+
+    def _gather(self, rows, shape):
+        """K and V at pool rows (B, KV, S) as shape (B, KV, S, D), gathered into buffers that every layer and forward
+        reuse, so that a decode step allocates no memory the size of the cache."""
+        n = rows.numel()
+        if self.gathered.shape[1] < n:
+            self.gathered = self.k_rows.new_empty(2, max(n, 2 * self.gathered.shape[1]), shape[-1])
+        rows = rows.reshape(-1)
+        keys = torch.index_select(self.k_rows, 0, rows, out=self.gathered[0, :n])
+        values = torch.index_select(self.v_rows, 0, rows, out=self.gathered[1, :n])
+        return keys.view(shape), values.view(shape)
+
     def _decode_kernel(self, layer: int, q, k, v, rope):
-        """One token per row, q: (B, H, 1, D) and k, v: (B, KV, 1, D) unrotated: the fused RoPE + page write, then the
-        paged decode attention, which also returns the mass each slot got when the policy records it."""
-        write = self.write_slot[layer]  # (B, KV, 1), -1 for a padded row
-        rows = torch.where(write >= 0, self._rows(self.table[layer], write.clamp(min=0)), -1)[..., 0]  # (B, KV)
-        q = kernels.rope_cache_write(q[:, :, 0], k[:, :, 0], v[:, :, 0], rope.positions[:, 0], rope.inv_freq,
-                                     self.pool.k, self.pool.v, rows)  # (B, H, D) rotated
+        """One token per row, q: (B, H, 1, D) and k, v: (B, KV, 1, D): the fused RoPE + page write, then the paged
+        decode attention, which also returns the mass each slot got when the policy records it. rope None: q and k
+        come rotated (a DMS model rotates its own), so they are written as they are."""
+        rows = self.write_rows[layer]  # (B, KV) pool row of each new key, -1 for a padded row
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+        if rope is None:
+            new = rows >= 0
+            self.k_rows[rows[new]], self.v_rows[rows[new]] = k[new], v[new]
+        else:
+            q = kernels.rope_cache_write(q, k, v, rope.positions[:, 0], rope.inv_freq, self.pool.k, self.pool.v, rows)
         out, mass = kernels.paged_decode_attention(q, self.pool.k, self.pool.v, self.table[layer],
                                                    self.length[layer], q.shape[-1] ** -0.5, self.observe.mass)
         if mass is not None:
@@ -282,9 +333,19 @@ class PagedKVCache:
         return visible | (q < 0)
 
     @staticmethod
-    def _mask(visible, dtype):
-        """The additive mask SDPA takes: 0 where visible, -inf elsewhere."""
+    def _mask(visible, n_heads: int, dtype):
+        """The additive mask SDPA takes: 0 where visible (B, 1 or KV, T, S), -inf elsewhere: (B, 1 or n_heads, T, S)."""
+        if visible.shape[1] > 1:
+            visible = visible.repeat_interleave(n_heads // visible.shape[1], dim=1)
         return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
+
+    def _slot_rows(self) -> torch.Tensor:
+        """Pool row of every slot, (L, B, KV, P * ps), row 0 past a head's pages: kept until the page tables change."""
+        if self.slot_rows is None:
+            ps = self.pool.page_size
+            rows = self.table.clamp(min=0)[..., None] * ps + torch.arange(ps, device=self.table.device)
+            self.slot_rows = rows.flatten(-2)
+        return self.slot_rows
 
     def _rows(self, table, slot):
         """Pool rows of slots: table (..., P), slot (..., N) -> (..., N); slots past a head's pages give row 0."""
@@ -300,6 +361,7 @@ class PagedKVCache:
         if total == 0:
             return
         self._widen(int(((new_len + ps - 1) // ps).max()))
+        self.slot_rows = None
         ids = self.pool.alloc(total)
         head = torch.repeat_interleave(torch.arange(extra.numel(), device=ids.device), extra)  # (total,) head of each page
         first = torch.cumsum(extra, 0) - extra
@@ -317,41 +379,41 @@ class PagedKVCache:
         self.evict = cat(self.evict, slots, False)
         self.slot_value = cat(self.slot_value, slots, 0)
 
+    def _counted_queries(self):
+        """Which queries of the chunk each statistic in self.observe counts: (B, 1, 1, C, T) as 0/1, C = the mass
+        (every real query) and/or the window (each row's last window[b] real queries), or None; and the first query
+        that counts for any."""
+        obs, real = self.observe, self.q_pos >= 0  # (B, T)
+        counted = [real] if obs.mass else []
+        if obs.window is not None:
+            counted.append(real & (real.flip(1).cumsum(1).flip(1) <= obs.window[:, None].to(real.device)))
+        if not counted:
+            return None, 0
+        first = 0 if obs.mass else real.shape[1] - int(counted[-1].sum(1).max())
+        return torch.stack(counted, 1).to(self.mass.dtype)[:, None, None], first
+
     def _observe(self, layer, q, keys, visible, key_slot):
-        """Record what self.observe asks for from this layer's attention probabilities, a block of queries at a time."""
-        obs = self.observe
-        if not obs.mass and obs.window is None:
-            return
+        """Record what self.observe asks for from this layer's attention probabilities, a block of queries at a time.
+        visible: (B, KV or 1, T, Tk); key_slot: (B, KV, Tk) the slot of each key, -1 for none."""
         B, H, T, D = q.shape
         KV, Tk = keys.shape[1], keys.shape[2]
         G = H // KV
-        real = self.q_pos >= 0  # (B, T)
-        in_window = torch.zeros_like(real)
-        if obs.window is not None:
-            in_window = real & (real.flip(1).cumsum(1).flip(1) <= obs.window[:, None])  # the last window[b] real queries
-        first = 0 if obs.mass else T - int(in_window.sum(1).max())
-        counts = torch.stack([real, in_window], 1).to(self.mass.dtype)[:, None, None]  # (B, 1, 1, 2, T) queries counted
-        mass = self.mass.new_zeros(B, KV, Tk)
-        window = self.window.new_zeros(B, KV, G, Tk)
+        counted = self.counted  # (B, 1, 1, C, T)
+        summed = counted.new_zeros(B, KV, G, counted.shape[3], Tk)  # attention summed over the queries counted
         block = max(1, 2**24 // (B * H * Tk))
-        for t0 in range(first, T, block):
+        for t0 in range(self.first_counted, T, block):
             t1 = min(T, t0 + block)
             n = Tk - (T - t1)  # keys are in position order and the last T - t1 are after every real query of the block
-            qb = (q[:, :, t0:t1] * D**-0.5).reshape(B, KV, G * (t1 - t0), D).to(mass.dtype)
-            logits = (qb @ keys[:, :, :n].to(mass.dtype).transpose(-1, -2)).view(B, KV, G, t1 - t0, n)
-            seen = visible[:, :, t0:t1, :n]  # (B, H or 1, tb, n)
-            seen = seen.view(B, KV, G, t1 - t0, n) if seen.shape[1] == H else seen[:, :, None]
-            probs = logits.masked_fill_(~seen, float("-inf")).softmax(-1)  # (B, KV, G, tb, n)
-            counted = counts[..., t0:t1] @ probs  # (B, KV, G, 2, n): summed over the queries each statistic counts
-            mass[..., :n] += counted[:, :, :, 0].mean(2)
-            window[..., :n] += counted[:, :, :, 1]
-        ok = key_slot >= 0  # (B, KV, Tk)
+            qb = (q[:, :, t0:t1] * D**-0.5).reshape(B, KV, G * (t1 - t0), D).to(summed.dtype)
+            logits = (qb @ keys[:, :, :n].to(summed.dtype).transpose(-1, -2)).view(B, KV, G, t1 - t0, n)
+            probs = logits.masked_fill_(~visible[:, :, None, t0:t1, :n], float("-inf")).softmax(-1)
+            summed[..., :n] += counted[..., t0:t1] @ probs  # (B, KV, G, C, n)
+        summed.masked_fill_((key_slot < 0)[:, :, None, None], 0)
         idx = key_slot.clamp(min=0)
-        if obs.mass:
-            self.mass[layer].scatter_add_(-1, idx, mass.masked_fill(~ok, 0))
-        if obs.window is not None:
-            window = window.masked_fill(~ok[:, :, None], 0).transpose(2, 3)  # (B, KV, Tk, G)
-            self.window[layer].scatter_add_(2, idx[..., None].expand(-1, -1, -1, G), window)
+        if self.observe.mass:
+            self.mass[layer].scatter_add_(-1, idx, summed[:, :, :, 0].mean(2))
+        if self.observe.window is not None:
+            self.window[layer].scatter_add_(2, idx[..., None].expand(-1, -1, -1, G), summed[:, :, :, -1].transpose(2, 3))
 
     # -- eviction and bookkeeping ----------------------------------------------------------------------------------
 
@@ -380,6 +442,7 @@ class PagedKVCache:
         """Return every page at or past column n_pages (L, B, KV) of each head's table, then trim the tables."""
         col = torch.arange(self.table.shape[-1], device=self.table.device)
         gone = (col >= n_pages[..., None]) & (self.table >= 0)
+        self.slot_rows = None
         self.pool.free(self.table[gone])
         self.table[gone] = -1
         P = int(n_pages.max()) if n_pages.numel() else 0

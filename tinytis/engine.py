@@ -31,6 +31,12 @@ class Generation:
     decode_s: float
     kv_bytes: int
     stats: dict = field(default_factory=dict)
+    first_step_s: float = 0.0  # of decode_s: the first decode step, which pays the warm-up
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens per second of decoding after its first step: the steady rate, without the warm-up."""
+        return (self.new_tokens - 1) / (self.decode_s - self.first_step_s) if self.new_tokens > 1 else float("nan")
 
     @property
     def new_tokens(self) -> int:
@@ -85,8 +91,8 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     prefill_s = time.perf_counter() - t0
     next_pos = positions[:, -1:] + 1
 
-    tokens, decode_s = decode_loop(model, cache, logits, next_pos, params, eos_id, on_token)
-    return Generation(tokens, sum(len(p) for p in prompts), prefill_s, decode_s, cache.bytes_held())
+    tokens, decode_s, first_step_s = decode_loop(model, cache, logits, next_pos, params, eos_id, on_token)
+    return Generation(tokens, sum(len(p) for p in prompts), prefill_s, decode_s, cache.bytes_held(), {}, first_step_s)
 
 
 def decode_loop(model, cache, logits, next_pos, params, eos_id=None, on_token=None, after_step=None):
@@ -94,15 +100,17 @@ def decode_loop(model, cache, logits, next_pos, params, eos_id=None, on_token=No
 
     after_step(ids, positions, hidden) runs after each forward (the cache manager's hook). A row that has hit EOS is
     fed as padding (position -1) from then on, so its cache ends with its last answer token. Returns the new
-    tokens per row (up to and excluding EOS) and the seconds it took.
+    tokens per row (up to and excluding EOS), the seconds it took, and the seconds of its first step (sampling the
+    first token and the first forward, which pays the warm-up).
     """
     B = logits.shape[0]
     generator = torch.Generator(device=logits.device).manual_seed(params.seed)
     tokens = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool)
+    done = [False] * B
     t0 = time.perf_counter()
+    first_step_s = 0.0
     for step in range(params.max_new_tokens):
-        nxt = sample(logits, params, generator)
+        nxt = sample(logits, params, generator)  # (B,)
         for b, token in enumerate(nxt.tolist()):  # the step's one read from the device
             if done[b]:
                 continue
@@ -112,15 +120,17 @@ def decode_loop(model, cache, logits, next_pos, params, eos_id=None, on_token=No
             tokens[b].append(token)
             if on_token:
                 on_token(b, token)
-        if done.all() or step == params.max_new_tokens - 1:
+        if all(done) or step == params.max_new_tokens - 1:
             break
-        positions = torch.where(done.to(next_pos.device)[:, None], -1, next_pos)
+        positions = next_pos.masked_fill(torch.tensor(done, device=next_pos.device)[:, None], -1)
         h = model.hidden_states(nxt[:, None], positions, cache)
         if after_step:
             after_step(nxt[:, None], positions, h)
         logits = model.logits(h[:, -1])
         next_pos = next_pos + 1
-    return tokens, time.perf_counter() - t0
+        if step == 0:
+            first_step_s = time.perf_counter() - t0
+    return tokens, time.perf_counter() - t0, first_step_s
 
 
 @dataclass
@@ -196,11 +206,11 @@ def decode(model: Transformer, state: Prefilled, questions: list[list[int]] | No
         manager.after_step(cache, ids, positions, h)
         logits, next_pos = model.logits(h[:, -1]), positions[:, -1:] + 1
         question_s, question_tokens = time.perf_counter() - t0, sum(len(q) for q in questions)
-    tokens, decode_s = decode_loop(model, cache, logits, next_pos, params, eos_id, on_token,
-                                   lambda ids, pos, h: manager.after_step(cache, ids, pos, h))
+    tokens, decode_s, first_step_s = decode_loop(model, cache, logits, next_pos, params, eos_id, on_token,
+                                                 lambda ids, pos, h: manager.after_step(cache, ids, pos, h))
     stats = dict(state.stats, peak_kv_bytes=cache.pool.peak_used * cache.pool.page_bytes, evict_s=manager.evict_s)
     return Generation(tokens, sum(manager.lengths) + question_tokens, state.prefill_s + question_s, decode_s,
-                      cache.bytes_held(), stats)
+                      cache.bytes_held(), stats, first_step_s)
 
 
 def answer(model: Transformer, contexts: list[list[int]], questions: list[list[int]] | None, params: SamplingParams,

@@ -53,23 +53,38 @@ class ManagerConfig:
             raise UserError(f"anchor share must lie in [0, 1], got {self.anchor_share}")
 
 
-@dataclass
 class TokenStore:
-    """The tokens of one sequence still held by at least one head, by position."""
+    """The tokens of one sequence still held by at least one head, by position: pos (N,), ids (N,) and, when the
+    policy needs hidden states, hidden (N, dim). The arrays grow by doubling, so recording a token copies nothing
+    (what a policy was shown, the first N rows, never changes)."""
 
-    pos: torch.Tensor  # (N,)
-    ids: torch.Tensor  # (N,)
-    hidden: torch.Tensor | None  # (N, dim), when the policy needs hidden states
+    def __init__(self, device, dim: int | None):
+        self.n = 0
+        self.arrays = [torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.long, device=device)]
+        if dim is not None:
+            self.arrays.append(torch.zeros(0, dim, device=device))
+
+    pos = property(lambda self: self.arrays[0][: self.n])
+    ids = property(lambda self: self.arrays[1][: self.n])
+    hidden = property(lambda self: self.arrays[2][: self.n] if len(self.arrays) == 3 else None)
 
     def append(self, pos, ids, hidden):
-        self.pos, self.ids = torch.cat([self.pos, pos]), torch.cat([self.ids, ids])
-        if self.hidden is not None:
-            self.hidden = torch.cat([self.hidden, hidden.to(self.hidden.dtype)])
+        n = self.n + len(pos)
+        if n > len(self.arrays[0]):
+            self.arrays = [torch.cat([x, x.new_empty(max(n, 2 * len(x)) - len(x), *x.shape[1:])]) for x in self.arrays]
+        for x, new in zip(self.arrays, (pos, ids, hidden)):
+            x[self.n : n] = new
+        self.n = n
 
     def keep(self, mask):
-        self.pos, self.ids = self.pos[mask], self.ids[mask]
-        if self.hidden is not None:
-            self.hidden = self.hidden[mask]
+        """Keep the tokens where mask (N,) is True, in new arrays: what a policy was shown stays as it was."""
+        self.arrays = [x[: self.n][mask] for x in self.arrays]
+        self.n = len(self.arrays[0])
+
+    def copy(self) -> "TokenStore":
+        other = copy.copy(self)
+        other.arrays = [x.clone() for x in self.arrays]
+        return other
 
 
 class CacheManager:
@@ -93,19 +108,14 @@ class CacheManager:
         cache.observe = Observe(mass=needs.mass, window=None if window is None else torch.tensor(window, device=device),
                                 dms_window=needs.dms_window,
                                 slot_value=needs.slot_value)
-        dim = self.args.dim
-        self.tokens = [
-            TokenStore(torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.long, device=device),
-                       torch.zeros(0, dim, device=device) if needs.hidden else None)
-            for _ in context_lengths
-        ]
+        self.tokens = [TokenStore(device, self.args.dim if needs.hidden else None) for _ in context_lengths]
         self.last_pos = torch.full((len(context_lengths),), -1, dtype=torch.long)
         self.evict_s = 0.0
 
     def fork(self) -> "CacheManager":
         """A copy for a forked cache: same policy and budgets, its own token records."""
         other = copy.copy(self)
-        other.tokens = [copy.copy(store) for store in self.tokens]
+        other.tokens = [store.copy() for store in self.tokens]
         return other
 
     def compress(self, cache: PagedKVCache, policy: Policy, budget, decode_budget=None):

@@ -25,9 +25,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        """x / sqrt(mean(x^2) + eps) in fp32, rounded to x's dtype, times the weight (as transformers does)."""
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def llama3_inv_freq(inv_freq, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
@@ -95,12 +94,12 @@ def attention_mask(q_pos, k_pos, sliding_window: int | None, dtype=torch.float32
 
 
 def attend(q, k, v, mask=None, key_bias=None):
-    """Grouped-query attention. q: (B, H, Tq, D); k, v: (B, KV, Tk, D); mask: additive (B, 1, Tq, Tk), or None
-    for causal over a full sequence; key_bias: (B, KV, Tk) added to the logits of every query of the group."""
-    if key_bias is None and mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    """Grouped-query attention. q: (B, H, Tq, D); k, v: (B, KV, Tk, D); mask: additive (B, 1 or H, Tq, Tk), or None
+    for causal with the queries as the last Tq keys; key_bias: (B, KV, Tk) added to the logits of every query of the group."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    if key_bias is None and mask is None and Tq in (1, Tk):  # SDPA's is_causal aligns the queries with the first keys
+        return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, enable_gqa=True)
     if mask is None:
-        Tq, Tk = q.shape[2], k.shape[2]
         causal = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
         mask = torch.zeros(Tq, Tk, dtype=q.dtype, device=q.device).masked_fill(~causal, float("-inf"))[None, None]
     if key_bias is not None:
