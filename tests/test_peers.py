@@ -11,7 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import random_checkpoint  # noqa: E402
+from tinytis.bench.common import random_checkpoint  # noqa: E402
 from tinytis.bench.peers import PressedCache, press_answer, press_continuation_logits  # noqa: E402
 from tinytis.config import ModelArgs  # noqa: E402
 from tinytis.engine import SamplingParams, generate  # noqa: E402
