@@ -92,9 +92,8 @@ def context_lengths(ctx_pos):
 def anchor_mask(ctx_pos, anchors: Anchors, budget: float = 1.0):
     """(B, C) bool: the anchors of each context at `budget` (the first sinks and the last recent real tokens, within
     the anchors' share of the budget; the manager pins the same ones)."""
-    k = torch.round(budget * context_lengths(ctx_pos))
-    n_sink, n_recent = anchors.counts(k)
-    length = ctx_pos.max(dim=1, keepdim=True).values + 1
+    length = context_lengths(ctx_pos)
+    n_sink, n_recent = anchors.counts(torch.round(budget * length))
     return (ctx_pos >= 0) & ((ctx_pos < n_sink) | (ctx_pos >= length - n_recent))
 
 

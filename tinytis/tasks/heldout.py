@@ -23,10 +23,6 @@ SOUNDS = "whistle hum rustle echo chime".split()
 
 BLOCK = "Clouds drift over the ridge. The canal is calm today. Leaves fall in autumn. On and on it goes. Round once more."
 
-# the facts are stated as in the evaluation (the Landmark needle, the keyed facts, "Document {i}:"): what is held out
-# is the text around them, as with passkey prompts from another generator
-TEMPLATES = EVAL_TEMPLATES
-
 INTROS = ("What follows is a long record; one detail in it will be asked about at the end.",
           "Below are some notes. Most of them do not matter, but one does.",
           "Keep reading until the end, since a single line here is worth remembering.")
@@ -46,7 +42,9 @@ def sentence(rng: random.Random) -> str:
 
 
 def make_style(rng: random.Random, block_share: float) -> Style:
-    return Style(TEMPLATES, mixed_filler(rng, BLOCK, sentence, block_share), rng.choice(INTROS))
+    # the facts are stated as in the evaluation (the Landmark needle, the keyed facts, "Document {i}:"): what is
+    # held out is the text around them, as with passkey prompts from another generator
+    return Style(EVAL_TEMPLATES, mixed_filler(rng, BLOCK, sentence, block_share), rng.choice(INTROS))
 
 
 def niah(variant: str, seed: int, length: int, depth: float, count) -> Sample:
