@@ -223,7 +223,7 @@ def test_full_policy_on_a_dms_model_through_the_kernels_matches_torch(monkeypatc
     """A DMS model rotates its own q and k, so a kernel decode step writes them into the pages as they are (no fused
     RoPE) before the paged decode attention: the same tokens as the torch backend, for a left-padded batch."""
     pytest.importorskip("triton")
-    import kernels
+    from tinytis import kernels
 
     # the paged decode kernel takes head_dim >= 16
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=97)

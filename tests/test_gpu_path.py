@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
+from tinytis import kernels
 import tinytis.engine
 from tinytis.model import Transformer
 

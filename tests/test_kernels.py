@@ -20,11 +20,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.nf4_matmul import nf4_matmul_ref, nf4_matmul_triton
-from kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
-from kernels.rope_cache import rope_cache_write_ref, rope_cache_write_triton
-from tinytis import nf4
+from tinytis import kernels
+from tinytis.kernels.nf4_matmul import nf4_matmul_ref, nf4_matmul_triton
+from tinytis.kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
+from tinytis.kernels.rope_cache import rope_cache_write_ref, rope_cache_write_triton
+from tinytis import nf4, nf4_linear
 from tinytis.cache import Observe, PagedKVCache, PagePool
 from tinytis.config import ModelArgs
 from tinytis.model import Transformer, apply_rope, rope_cos_sin
@@ -210,7 +210,7 @@ def tiny_nf4_prefill_and_decode():
     a = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=64)
     model = Transformer(a)
     model.init_weights(0, std=0.1)
-    model = nf4.quantize_model(model).to(DEVICE)
+    model = nf4_linear.quantize_model(model).to(DEVICE)
     cache = PagedKVCache(a, 2, PagePool(a.head_dim, page_size=4, n_pages=8, device=DEVICE))
     cache.observe = Observe(mass=True)
     ids = torch.arange(22, device=DEVICE).view(2, 11) % 64

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from tinytis import nf4
+from tinytis import nf4, nf4_linear
 from tinytis.cache import PagedKVCache, PagePool
 from tinytis.config import ModelArgs
 from tinytis.errors import UserError
@@ -117,7 +117,7 @@ def test_quantized_on_load_matches_transformers_bitsandbytes(dense_dir, double_q
     if double_quant:
         ours = Transformer.from_pretrained(dense_dir, quant="nf4")
     else:
-        ours = nf4.quantize_model(Transformer.from_pretrained(dense_dir), double_quant=False)
+        ours = nf4_linear.quantize_model(Transformer.from_pretrained(dense_dir), double_quant=False)
     dense = Transformer.from_pretrained(dense_dir)
     with torch.no_grad():
         expected, got, unquantized = hf(IDS).logits, ours(IDS), dense(IDS)
@@ -128,7 +128,7 @@ def test_quantized_on_load_matches_transformers_bitsandbytes(dense_dir, double_q
     # the checkpoint transformers saves pre-quantized loads byte for byte and gives the same logits
     hf.save_pretrained(tmp_path)
     loaded = Transformer.from_pretrained(tmp_path)
-    for name in nf4.block_linear_names(ours):
+    for name in nf4_linear.block_linear_names(ours):
         a = ours.get_submodule(name.removesuffix(".weight")).weight
         b = loaded.get_submodule(name.removesuffix(".weight")).weight
         assert torch.equal(a.packed, b.packed) and torch.equal(a.absmax, b.absmax) and a.shape == b.shape
@@ -141,9 +141,9 @@ def test_quantized_on_load_matches_transformers_bitsandbytes(dense_dir, double_q
 
 def test_quantize_model_equals_quantize_on_load(dense_dir):
     on_load = Transformer.from_pretrained(dense_dir, quant="nf4")
-    after = nf4.quantize_model(Transformer.from_pretrained(dense_dir))
-    assert nf4.block_linear_names(after) == set()  # no dense Linear left in the blocks
-    assert isinstance(after.output, torch.nn.Linear) and not isinstance(after.output, nf4.Linear4bit)
+    after = nf4_linear.quantize_model(Transformer.from_pretrained(dense_dir))
+    assert nf4_linear.block_linear_names(after) == set()  # no dense Linear left in the blocks
+    assert isinstance(after.output, torch.nn.Linear) and not isinstance(after.output, nf4_linear.Linear4bit)
     for (n1, b1), (n2, b2) in zip(on_load.named_buffers(), after.named_buffers()):
         assert n1 == n2 and torch.equal(b1, b2)
 
@@ -155,7 +155,7 @@ def test_unknown_quant_is_a_user_error(dense_dir):
 
 def test_linear4bit_reference_forward_is_dequantized_matmul():
     w = torch.randn(96, 128)
-    layer = nf4.Linear4bit(nf4.quantize(w))
+    layer = nf4_linear.Linear4bit(nf4.quantize(w))
     x = torch.randn(5, 128)
     expected = x.double() @ nf4.dequantize(layer.weight).double().T
     assert (layer(x).double() - expected).abs().max() <= 1e-6 * expected.abs().max()  # fp32 rounding
@@ -178,13 +178,13 @@ SCALED = ModelArgs(dim=256, n_layers=3, n_heads=8, n_kv_heads=2, head_dim=32, hi
 def test_memory_accounting_matches_the_formula(double_quant):
     args = SCALED
     model = Transformer(args)
-    nf4.quantize_model(model, double_quant)
+    nf4_linear.quantize_model(model, double_quant)
     d, kv, hid = args.dim, args.n_kv_heads * args.head_dim, args.hidden_dim
     linears = [(args.n_heads * args.head_dim, d), (kv, d), (kv, d), (d, args.n_heads * args.head_dim),
                (hid, d), (d, hid), (hid, d)]
     per_layer = sum(nf4_bytes(o, i, double_quant) for o, i in linears) + 2 * d * 4  # + two fp32 norms
     expected = args.n_layers * per_layer + 2 * args.vocab_size * d * 4 + d * 4  # embedding, lm_head, final norm
-    assert nf4.weight_bytes(model) == expected
+    assert nf4_linear.weight_bytes(model) == expected
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-import kernels
+from tinytis import kernels
 from tinytis.config import ModelArgs
 from tinytis.model import attend, attention_mask
 

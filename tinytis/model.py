@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinytis import nf4
+from tinytis import nf4, nf4_linear
 from tinytis.config import ModelArgs
 from tinytis.dms import METADATA_FILE, DMSConfig, attach
 from tinytis.errors import UserError
@@ -235,7 +235,7 @@ class Transformer(nn.Module):
         with torch.device("meta"):
             model = cls(args)
         expected = dict(model.named_parameters())
-        quantized = nf4.block_linear_names(model) if quant == "nf4" else set()
+        quantized = nf4_linear.block_linear_names(model) if quant == "nf4" else set()
         loaded, tied_copy = set(), None
         for name, tensor in checkpoint.tensors(args, dtype, frozenset(quantized)):
             tensor = tensor.to(device)
@@ -250,7 +250,7 @@ class Transformer(nn.Module):
                     "config and weights do not belong together"
                 )
             if isinstance(tensor, nf4.NF4Weight) or name in quantized:
-                nf4.load_linear(model, name, tensor, dtype)
+                nf4_linear.load_linear(model, name, tensor, dtype)
             else:
                 model.load_state_dict({name: tensor}, strict=False, assign=True)
             loaded.add(name)

@@ -15,10 +15,8 @@ import json
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
 from tinytis.errors import UserError
 
 BLOCK = 64  # weights per absmax
@@ -166,56 +164,3 @@ def dequantize(w, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     values = BYTE_VALUES.to(w.packed.device)[w.packed.long()].view(-1)[:n]
     out = (_blocks(values, BLOCK) * dequantize_absmax(w)[:, None]).view(-1)[:n]
     return out.view(w.shape).to(dtype)
-
-
-class Linear4bit(nn.Module):
-    """A bias-free Linear whose weight is held in NF4: y = x @ W.T, computed by kernels.nf4_matmul.
-
-    The buffers are the NF4Weight fields, so .to(device) moves them and `weight` returns them as one.
-    """
-
-    def __init__(self, weight: NF4Weight):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.weight_dtype = weight.dtype
-        self.register_buffer("packed", weight.packed)
-        self.register_buffer("absmax", weight.absmax)
-        self.register_buffer("nested_absmax", weight.nested_absmax)
-        self.register_buffer("offset", weight.offset)
-
-    @property
-    def weight(self) -> NF4Weight:
-        return NF4Weight(self.packed, self.absmax, torch.Size((self.out_features, self.in_features)),
-                         self.weight_dtype, self.nested_absmax, self.offset)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.nf4_matmul(x, self.weight)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, double_quant={self.nested_absmax is not None}"
-
-
-def block_linear_names(model: nn.Module) -> set[str]:
-    """Names of the weights that NF4 quantizes: every nn.Linear inside the blocks (not embedding, lm_head, norms)."""
-    return {f"layers.{name}.weight" for name, m in model.layers.named_modules() if isinstance(m, nn.Linear)}
-
-
-def load_linear(model: nn.Module, name: str, tensor, dtype: torch.dtype, double_quant: bool = True):
-    """Put weight `name` into the model as a Linear4bit: an NF4Weight as it is, a dense tensor quantized (from dtype)."""
-    weight = tensor if isinstance(tensor, NF4Weight) else quantize(tensor.to(dtype), double_quant)
-    model.set_submodule(name.removesuffix(".weight"), Linear4bit(weight))
-
-
-def quantize_model(model: nn.Module, double_quant: bool = True) -> nn.Module:
-    """Replace the Linear layers of the blocks of a loaded model by NF4 Linear4bit layers, in place."""
-    for name in block_linear_names(model):
-        weight = model.get_submodule(name.removesuffix(".weight")).weight.detach()
-        load_linear(model, name, weight, weight.dtype, double_quant)
-    return model
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's weights as held: parameters (tied ones once) plus the NF4 buffers."""
-    params = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
-    nf4 = sum(m.weight.nbytes() for m in model.modules() if isinstance(m, Linear4bit))
-    return sum(params.values()) + nf4

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.nf4_matmul import nf4_matmul_ref
-from tinytis import nf4
+from tinytis import kernels
+from tinytis.kernels.nf4_matmul import nf4_matmul_ref
+from tinytis import nf4, nf4_linear
 from tinytis.config import ModelArgs
 from tinytis.engine import SamplingParams, decode, prefill
 from tinytis.manager import CacheManager, ManagerConfig
@@ -132,7 +132,7 @@ def random_model(args: ModelArgs, dtype, device, quant: bool) -> Transformer:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.02)
-    return (nf4.quantize_model(model) if quant else model).eval()
+    return (nf4_linear.quantize_model(model) if quant else model).eval()
 
 
 def timed_decode(model, state, warm: int, timed: int) -> tuple[float, int]:

@@ -5,9 +5,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.nf4_matmul import nf4_matmul_ref, nf4_matmul_triton
-from kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
+from tinytis import kernels
+from tinytis.kernels.nf4_matmul import nf4_matmul_ref, nf4_matmul_triton
+from tinytis.kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
 from tinytis import nf4
 from tinytis.bench.gpu import HBM_TBPS
 

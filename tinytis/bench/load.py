@@ -172,7 +172,7 @@ def peak_rss() -> int:
 
 
 def run_tinytis(path: Path, threads: int) -> dict:
-    from tinytis import nf4
+    from tinytis import nf4_linear
     from tinytis.engine import SamplingParams, generate
 
     torch.set_num_threads(threads)
@@ -182,7 +182,7 @@ def run_tinytis(path: Path, threads: int) -> dict:
     t0 = time.perf_counter()
     model = Transformer.from_pretrained(path, torch.bfloat16, quant="nf4")
     out = {"load_s": time.perf_counter() - t0, "base_rss": base, "load_peak_rss": peak_rss(),
-           "bytes_held": nf4.weight_bytes(model)}
+           "bytes_held": nf4_linear.weight_bytes(model)}
     prompt = torch.randint(3, model.args.vocab_size, (PROMPT,), generator=torch.Generator().manual_seed(0)).tolist()
     gen = generate(model, [prompt], SamplingParams(max_new_tokens=NEW_TOKENS))
     return out | {"prefill_tok_s": PROMPT / gen.prefill_s, "decode_tok_s": gen.new_tokens / gen.decode_s,

@@ -18,7 +18,7 @@ Dequantization of element (n, k), i = n * K + k (K a multiple of 64, so blocks d
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import tl, triton
+from tinytis.kernels._triton import tl, triton
 from tinytis import nf4
 
 GEMV_MAX_M = 8

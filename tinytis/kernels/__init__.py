@@ -13,10 +13,10 @@ from collections import Counter
 
 import torch
 
-from kernels._triton import AVAILABLE as TRITON_AVAILABLE
-from kernels.nf4_matmul import GEMV_MAX_M, nf4_matmul_ref, nf4_matmul_triton
-from kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
-from kernels.rope_cache import rope_cache_write_ref, rope_cache_write_triton
+from tinytis.kernels._triton import AVAILABLE as TRITON_AVAILABLE
+from tinytis.kernels.nf4_matmul import GEMV_MAX_M, nf4_matmul_ref, nf4_matmul_triton
+from tinytis.kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
+from tinytis.kernels.rope_cache import rope_cache_write_ref, rope_cache_write_triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

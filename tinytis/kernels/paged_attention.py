@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from kernels._triton import tl, triton
+from tinytis.kernels._triton import tl, triton
 
 
 def paged_decode_attention_ref(q, k_pool, v_pool, page_table, lengths, scale, need_mass=True):

@@ -11,7 +11,7 @@ per-(layer, KV head) page tables of the cache require.
 """
 import torch
 
-from kernels._triton import tl, triton
+from tinytis.kernels._triton import tl, triton
 
 
 def _rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
