@@ -36,10 +36,10 @@ def heldout_contexts(n: int = 60):
     for i in range(n):
         seed, length, depth = rng.randrange(10**9), rng.randint(64, 1024), rng.random()
         for variant in ("passkey", "varied", "multikey"):
-            yield heldout.niah(variant, seed, length, depth, COUNT).context
-        yield heldout.narrative(seed, length, depth, COUNT).context
-        yield heldout.litm(seed, rng.randint(2, 30), 0).context
-        yield heldout.multiq(seed, length, COUNT).context
+            yield heldout.FAMILY.niah(variant, seed, length, depth, COUNT).context
+        yield heldout.FAMILY.narrative(seed, length, depth, COUNT).context
+        yield heldout.FAMILY.litm(seed, rng.randint(2, 30), 0).context
+        yield heldout.FAMILY.multiq(seed, length, COUNT).context
 
 
 def fact_templates() -> set[str]:
@@ -70,14 +70,14 @@ def test_heldout_filler_words_are_not_training_words():
 
 
 def test_heldout_samples_are_answerable_and_scored_as_in_distribution():
-    s = heldout.multiq(7, 400, COUNT)
+    s = heldout.FAMILY.multiq(7, 400, COUNT)
     assert all(answer in s.context for _, answer in multiq.questions(s))
     assert multiq.score([a for _, a in multiq.questions(s)], s) == 1.0
     for variant in ("passkey", "varied", "multikey"):
-        s = heldout.niah(variant, 7, 400, 0.5, COUNT)
+        s = heldout.FAMILY.niah(variant, 7, 400, 0.5, COUNT)
         assert s.task == variant and s.answer in s.context and s.context.startswith(heldout.INTROS)
         assert 380 <= COUNT(s.context) <= 400
-    assert heldout.niah("passkey", 7, 400, 0.5, COUNT).context == heldout.niah("passkey", 7, 400, 0.5, COUNT).context
+    assert heldout.FAMILY.niah("passkey", 7, 400, 0.5, COUNT).context == heldout.FAMILY.niah("passkey", 7, 400, 0.5, COUNT).context
 
 
 def test_tis_mix_covers_tasks_fillers_intros_and_depths():

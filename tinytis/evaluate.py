@@ -30,8 +30,8 @@ TASKS = ("niah", "litm", "narrative", "fidelity", "multiq")
 FAMILIES = ("id", "ood")  # in-distribution prompts, the held-out prompt family
 GENERATORS = {  # family -> task -> sample generator
     "id": {"niah": niah.make, "litm": litm.make, "narrative": narrative.make, "multiq": multiq.make, "fidelity": fidelity.make},
-    "ood": {"niah": heldout.niah, "litm": heldout.litm, "narrative": heldout.narrative, "multiq": heldout.multiq,
-            "fidelity": heldout.fidelity},
+    "ood": {"niah": heldout.FAMILY.niah, "litm": heldout.FAMILY.litm, "narrative": heldout.FAMILY.narrative, "multiq": heldout.FAMILY.multiq,
+            "fidelity": heldout.FAMILY.fidelity},
 }
 MAX_NEW_TOKENS = 16
 

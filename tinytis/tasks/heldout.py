@@ -7,8 +7,7 @@ tinytis/tasks/training.py or tis_mix.py draws from this module (tests/test_heldo
 """
 import random
 
-from tinytis.tasks import Sample, style
-from tinytis.tasks.style import EVAL_TEMPLATES, Style, mixed_filler
+from tinytis.tasks.style import EVAL_TEMPLATES, Family, Style, mixed_filler
 
 # filler words: none of them is in tinytis/tasks/text.py
 VEHICLES = "boat wagon truck canoe sled carriage barge tram".split()
@@ -47,33 +46,4 @@ def make_style(rng: random.Random, block_share: float) -> Style:
     return Style(EVAL_TEMPLATES, mixed_filler(rng, BLOCK, sentence, block_share), rng.choice(INTROS))
 
 
-def niah(variant: str, seed: int, length: int, depth: float, count) -> Sample:
-    """passkey (the held-out block repeated), varied (held-out sentences) or multikey (a mix), as tasks.niah."""
-    rng = random.Random(seed)
-    if variant == "multikey":
-        return style.multikey(rng, make_style(rng, 0.3), length, depth, count)
-    return style.passkey(rng, make_style(rng, 1.0 if variant == "passkey" else 0.0), length, depth, count, variant)
-
-
-def narrative(seed: int, length: int, depth: float, count) -> Sample:
-    rng = random.Random(seed)
-    return style.narrative(rng, make_style(rng, 0.0), length, depth, count)
-
-
-def litm(seed: int, n_docs: int, gold: int) -> Sample:
-    rng = random.Random(seed)
-    return style.litm(rng, make_style(rng, 0.0), n_docs, gold)
-
-
-def multiq(seed: int, length: int, count) -> Sample:
-    rng = random.Random(seed)
-    return style.multiq(rng, make_style(rng, 0.3), length, count)
-
-
-def fidelity(seed: int, length: int, count) -> Sample:
-    """A passkey, multi-key or story context at a random depth, its question and answer the continuation."""
-    rng = random.Random(seed)
-    kind, depth = rng.choice(("passkey", "multikey", "narrative")), rng.random()
-    s = narrative(seed, length, depth, count) if kind == "narrative" else niah(kind, seed, length, depth, count)
-    s.task = "fidelity"
-    return s
+FAMILY = Family(make_style)

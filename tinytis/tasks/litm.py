@@ -6,6 +6,12 @@ from tinytis.tasks.text import NAMES, OBJECTS, PLACES, grammar_sentence
 
 DOC_FACT = "{name} keeps the {obj} in the {place}."
 QUERY = "Where does {name} keep the {obj}? {name} keeps the {obj} in the"
+TOKENS_PER_DOC = 45  # about how long one document is; sets how many fit a length
+
+
+def docs_for(length: int) -> int:
+    """How many documents make about `length` tokens (2 .. one per name)."""
+    return max(2, min(len(NAMES), length // TOKENS_PER_DOC))
 
 
 def make(seed: int, n_docs: int, gold: int, sentences_per_doc: int = 3) -> Sample:

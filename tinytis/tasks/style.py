@@ -6,14 +6,14 @@ filler and an intro, with the same questions and answers, so a prediction is sco
 """
 import random
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tinytis.tasks import Sample
-from tinytis.tasks.litm import DOC_FACT, QUERY as LITM_QUERY
+from tinytis.tasks.litm import DOC_FACT, QUERY as LITM_QUERY, docs_for
 from tinytis.tasks.multiq import N_QUESTIONS
 from tinytis.tasks.narrative import EVENTS
 from tinytis.tasks.niah import MULTIKEY_FACT, MULTIKEY_QUERY, PASSKEY_NEEDLE, PASSKEY_QUERY
-from tinytis.tasks.text import COLORS, NAMES, OBJECTS, PLACES, number, place_facts
+from tinytis.tasks.text import COLORS, NAMES, OBJECTS, PLACES, WORDS, number, place_facts
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,21 @@ class Templates:
 
 EVAL_TEMPLATES = Templates((PASSKEY_NEEDLE,), (MULTIKEY_FACT,), tuple((e,) for e, _, _ in EVENTS), (DOC_FACT,),
                            "Document {i}:")
+
+# the base model's prose tasks state each fact in one of several shapes, the evaluation's among them, so that it
+# learns to look a fact up by its key (the pass key, a name) rather than by one sentence shape
+TRAIN_TEMPLATES = Templates(
+    passkey=(PASSKEY_NEEDLE, "The pass key is {k}.", "Remember this: the pass key is {k}.",
+             "{k} is the pass key. Keep it in mind.", "Note that the pass key is {k}, and do not forget it."),
+    multikey=(MULTIKEY_FACT, "{name}'s secret code is {code}.", "Remember that the secret code of {name} is {code}.",
+              "The secret code of {name}, written down here, is {code}.", "For {name}, the secret code is {code}."),
+    events=(("{name} went to the {place}.", "Later, {name} went to the {place}.", "That day {name} went to the {place}."),
+            ("{name} found a {color} {obj}.", "At some point {name} found a {color} {obj}.",
+             "{name} found a {color} {obj} and kept it."),
+            ("{name} met {friend} at the {place}.", "At the {place}, {name} met {friend}.",
+             "{name} met {friend} at the {place} by chance.")),
+    doc_fact=(DOC_FACT, "{name} always keeps the {obj} in the {place}.", "In the {place} {name} keeps the {obj}."),
+    doc_header="Document {i}:")
 
 
 @dataclass
@@ -112,3 +127,57 @@ def multiq(rng: random.Random, style: Style, length: int, count, n_codes: int = 
     rng.shuffle(asked)
     (question, answer), *follow_ups = asked
     return Sample("multiq", context(style, length, count, facts), question, answer, length, -1.0, tuple(follow_ups))
+
+
+def recall(rng: random.Random, style: Style, length: int, depth: float, count) -> Sample:
+    """Key/value pairs (`melon 13 , mango 53 , ...`) at `depth`; one key is asked, its value answers."""
+    keys = rng.sample(WORDS, rng.randint(4, 16))
+    values = [number(rng, rng.randint(1, 3)) for _ in keys]
+    pairs = " , ".join(f"{k} {v}" for k, v in zip(keys, values)) + " ."
+    i = rng.randrange(len(keys))
+    return Sample("recall", context(style, length, count, [(depth, pairs)]), keys[i], values[i], length, depth)
+
+
+def keyed(task: str, rng: random.Random, style: Style, length: int, depth: float, count) -> Sample:
+    """One sample of a keyed task (passkey, multikey, narrative, litm, recall) in `style`, the asked fact at depth."""
+    if task == "litm":
+        n_docs = docs_for(length)
+        return litm(rng, style, n_docs, round(depth * (n_docs - 1)))
+    return {"passkey": passkey, "multikey": multikey, "narrative": narrative, "recall": recall}[task](
+        rng, style, length, depth, count)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A prompt family: every evaluation task written in the styles that make_style(rng, block_share) draws, with
+    the evaluation generators' signatures (tinytis.evaluate.GENERATORS). block_share is the share of the family's
+    repeated block in the filler (1 for passkey, 0 for varied and the stories, 0.3 for multikey), where it has one."""
+
+    make_style: Callable[[random.Random, float], Style]
+
+    def niah(self, variant: str, seed: int, length: int, depth: float, count) -> Sample:
+        """passkey, varied or multikey, as tasks.niah."""
+        rng = random.Random(seed)
+        if variant == "multikey":
+            return multikey(rng, self.make_style(rng, 0.3), length, depth, count)
+        return passkey(rng, self.make_style(rng, 1.0 if variant == "passkey" else 0.0), length, depth, count, variant)
+
+    def narrative(self, seed: int, length: int, depth: float, count) -> Sample:
+        rng = random.Random(seed)
+        return narrative(rng, self.make_style(rng, 0.0), length, depth, count)
+
+    def litm(self, seed: int, n_docs: int, gold: int) -> Sample:
+        rng = random.Random(seed)
+        return litm(rng, self.make_style(rng, 0.0), n_docs, gold)
+
+    def multiq(self, seed: int, length: int, count) -> Sample:
+        rng = random.Random(seed)
+        return multiq(rng, self.make_style(rng, 0.3), length, count)
+
+    def fidelity(self, seed: int, length: int, count) -> Sample:
+        """A passkey, multi-key or story context at a random depth, its question and answer the continuation."""
+        rng = random.Random(seed)
+        kind, depth = rng.choice(("passkey", "multikey", "narrative")), rng.random()
+        s = self.narrative(seed, length, depth, count) if kind == "narrative" else self.niah(kind, seed, length, depth, count)
+        s.task = "fidelity"
+        return s

@@ -18,6 +18,8 @@ LANDMARKS = "tree wall gate fence hill road lake field house window".split()
 WEATHER = "rain wind snow sun fog".split()
 TIMES = "morning evening night noon afternoon".split()
 
+WORDS = NAMES + PLACES + OBJECTS + COLORS + ANIMALS  # the keys of the recall task
+
 # The Landmark passkey filler, verbatim (REFERENCE.md).
 LANDMARK_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 

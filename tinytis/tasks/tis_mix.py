@@ -10,8 +10,7 @@ from itertools import repeat
 from tinytis.tasks import Sample, style
 from tinytis.tasks.seeds import TRAIN_SEEDS
 from tinytis.tasks.style import EVAL_TEMPLATES, Style, mixed_filler
-from tinytis.tasks.text import LANDMARK_FILLER, NAMES, grammar_sentence, number
-from tinytis.tasks.training import LITM_TOKENS_PER_DOC, WORDS
+from tinytis.tasks.text import LANDMARK_FILLER, grammar_sentence
 
 LANDMARK_SENTENCES = [s + "." for s in LANDMARK_FILLER.rstrip(".").split(". ")]
 INTROS = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -47,15 +46,6 @@ def make_style(rng: random.Random) -> Style:
     return Style(EVAL_TEMPLATES, filler, rng.choice(INTROS) if rng.random() < INTRO_SHARE else "")
 
 
-def recall(rng: random.Random, sty: Style, length: int, depth: float, count) -> Sample:
-    """Key/value pairs (`melon 13 , mango 53 , ...`) at `depth`; one key is asked, its value answers (as training.recall)."""
-    keys = rng.sample(WORDS, rng.randint(4, 16))
-    values = [number(rng, rng.randint(1, 3)) for _ in keys]
-    pairs = " , ".join(f"{k} {v}" for k, v in zip(keys, values)) + " ."
-    i = rng.randrange(len(keys))
-    return Sample("recall", style.context(sty, length, count, [(depth, pairs)]), keys[i], values[i], length, depth)
-
-
 def sample(rng: random.Random, length: int, count) -> Sample:
     """One training sample of about `length` context tokens (count(text) -> tokens): a task drawn by weight, a
     filler style, maybe an intro, a depth over the whole range. The sample is a function of a training seed."""
@@ -63,13 +53,4 @@ def sample(rng: random.Random, length: int, count) -> Sample:
     r = random.Random(rng.randrange(TRAIN_SEEDS.start, TRAIN_SEEDS.stop))
     sty = make_style(r)
     depth = r.choice((0.0, 1.0)) if r.random() < END_SHARE else r.random()
-    if task == "passkey":
-        return style.passkey(r, sty, length, depth, count)
-    if task == "multikey":
-        return style.multikey(r, sty, length, depth, count)
-    if task == "narrative":
-        return style.narrative(r, sty, length, depth, count)
-    if task == "litm":
-        n_docs = max(2, min(len(NAMES), length // LITM_TOKENS_PER_DOC))
-        return style.litm(r, sty, n_docs, round(depth * (n_docs - 1)))
-    return recall(r, sty, length, depth, count)
+    return style.keyed(task, r, sty, length, depth, count)
