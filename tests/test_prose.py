@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from tinytis.tasks import prose, prose_family, training
+from tinytis.tasks import prose, prose_family, tis_mix, training
 from tinytis.tasks.niah import MULTIKEY_FACT, PASSKEY_NEEDLE
 from tinytis.tasks.style import TRAIN_TEMPLATES
 
@@ -73,6 +73,7 @@ def eval_sentences():
 def test_no_training_draw_reads_the_evaluation_split(eval_sentences):
     rng, tok = random.Random(0), WordTokenizer()
     texts = [training.sample(rng, rng.randint(64, 1024), COUNT, {"prose": 1}).context for _ in range(150)]
+    texts += [tis_mix.sample(rng, rng.randint(64, 1024), COUNT).context for _ in range(300)]
     texts += [tok.decode(training.copy(rng, 512, tok, in_prose=True)[0]) for _ in range(50)]
     texts += [tok.decode(training.language(rng, 512, tok)[0]) for _ in range(50)]
     drawn = " ".join(texts)

@@ -22,6 +22,7 @@ import pydoc_data.topics
 EVAL_SHARE = 0.3
 SPLITS = ("train", "eval")
 MIN_WORDS = 12  # shorter paragraphs are mostly headings and fragments
+MAX_SENTENCE_WORDS = 40  # filler leaves out the longer sentences (2 %), so a context fills to within one sentence
 CODE_CHARS = set("=_[]{}<>*`|\\#@$%^~")
 
 TRIPLE_QUOTED = re.compile(r'"""(.*?)"""|\'\'\'(.*?)\'\'\'', re.DOTALL)
@@ -102,13 +103,13 @@ def sentences(paragraph: str) -> list[str]:
 
 
 def filler(rng: random.Random, which: str) -> Iterator[str]:
-    """Endless prose, sentence by sentence: consecutive paragraphs of a random document from a random paragraph on,
-    then another document."""
+    """Endless prose, sentence by sentence (those up to MAX_SENTENCE_WORDS): consecutive paragraphs of a random
+    document from a random paragraph on, then another document."""
     docs = split(which)
     while True:
         doc = rng.choice(docs)
         for paragraph in doc[rng.randrange(len(doc)):]:
-            yield from sentences(paragraph)
+            yield from (s for s in sentences(paragraph) if len(s.split()) <= MAX_SENTENCE_WORDS)
 
 
 def passage(rng: random.Random, which: str, n_tokens: int, count) -> str:

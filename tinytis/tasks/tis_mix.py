@@ -1,13 +1,15 @@
 """The broader TIS training mix: the keyed tasks (passkey, multikey, narrative, litm, recall) in several filler
-styles and sentence orders, with or without an intro, the asked fact anywhere from the first sentence to the last.
+styles (real prose from the standard library's training split among them) and sentence orders, with or without an
+intro, the asked fact anywhere from the first sentence to the last.
 
-It states the facts with the evaluation's templates and never draws from the held-out family (heldout.py), so the
-held-out rows of eval.py measure what TIS does on text no training stage has seen.
+It states the facts with the evaluation's templates and never draws from the held-out family (heldout.py) or the
+evaluation split of the prose, so the held-out rows of eval.py measure what TIS does on text no training stage has
+seen.
 """
 import random
 from itertools import repeat
 
-from tinytis.tasks import Sample, style
+from tinytis.tasks import Sample, prose, style
 from tinytis.tasks.seeds import TRAIN_SEEDS
 from tinytis.tasks.style import EVAL_TEMPLATES, Style, mixed_filler
 from tinytis.tasks.text import LANDMARK_FILLER, grammar_sentence
@@ -38,6 +40,7 @@ FILLERS = {  # name -> endless filler stream of one sample
     "mixed": lambda rng: mixed_filler(rng, LANDMARK_FILLER, grammar_sentence, rng.choice((0.3, 0.7))),
     "sentences": lambda rng: mixed_filler(rng, "", landmark_or_grammar_sentence, 0.0),  # Landmark's, one at a time
     "repeated": lambda rng: repeat(grammar_sentence(rng)),  # one sentence over and over
+    "prose": lambda rng: prose.filler(rng, "train"),  # the standard library's training split
 }
 
 
