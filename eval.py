@@ -17,11 +17,13 @@ import torch
 from tinytis import shard
 from tinytis.device import add_device_flag, resolve_device
 from tinytis.errors import ArgumentParser, UserError, comma_list, run_cli
-from tinytis.evaluate import FAMILIES, TASKS, CellKey, Evaluator, format_summary, read_csv, write_csv, write_timing
+from tinytis.evaluate import Evaluator
+from tinytis.grid import FAMILIES, TASKS, CellKey
 from tinytis.manager import check_budget
 from tinytis.model import Transformer
 from tinytis.plots import plot
 from tinytis.policies import POLICIES
+from tinytis.results import format_summary, read_csv, write_csv, write_timing
 from tinytis.tasks import longbench
 from tinytis.tokenizer import Tokenizer
 from tinytis.weights import resolve_model_dir

@@ -86,7 +86,7 @@ def test_fidelity_of_the_full_cache_is_exact(tmp_path):
     r = run_eval("fidelity", "--policies", "full,streaming", "--budgets", "0.1,1.0", "--lengths", "256",
                  "--n-samples", "2", "--threads", "1", "--output", str(tmp_path / "f.csv"))
     assert r.returncode == 0, r.stderr
-    from tinytis.evaluate import read_csv
+    from tinytis.results import read_csv
 
     scores = {(row.policy, row.metric): row.score for row in read_csv(tmp_path / "f.csv")}
     assert scores[("full", "kl")] == 0 and scores[("full", "top1")] == 1 and scores[("full", "ppl_delta")] == 0
