@@ -117,7 +117,7 @@ def press_rows(kvpress, model_dir: Path, evaluator, cells, samples, presses, bud
                     scores = {k: v[0] for k, v in fidelity_metrics([full_logits[i]], [logits], [conts[i]]).items()}
                 else:
                     tokens = press_answer(cache, questions[i], tok.eos_id, MAX_NEW_TOKENS)
-                    scores = score_answer(cell.task, tok.decode(tokens), s.answer)
+                    scores = score_answer(cell.task, tok.decode(tokens), s)
                 for k, v in scores.items():
                     metrics.setdefault(k, []).append(v)
                 bar.update()

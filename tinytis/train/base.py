@@ -91,7 +91,7 @@ def family_accuracy(model, tok: Tokenizer, family: str, length: int, n: int = 12
     count = lambda s: len(tok.encode(s, bos=False))
     accs = []
     for _ in range(0, n, 4):
-        x, y = make_batch([encode_sample(tok, training.sample(rng, length, count, [family])) for _ in range(4)])
+        x, y = make_batch([encode_sample(tok, training.sample(rng, length, count, [family], seeds=EVAL_SEEDS)) for _ in range(4)])
         accs.append(answer_accuracy(model(x), y))
     return torch.cat(accs).mean().item()
 
