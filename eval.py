@@ -2,7 +2,7 @@
 
     python eval.py niah                      # every policy, budgets 0.05/0.1/0.25/0.5/0.75/1.0, query-agnostic
     python eval.py multiq                    # four questions after one context; the budget is held while decoding
-    python eval.py niah --family ood         # only the held-out prompt family (default: both, side by side)
+    python eval.py niah --family prose       # only the real-prose family (default: all three, side by side)
     python eval.py longbench --data my.jsonl --setting both   # your own data in LongBench's JSONL schema
     python eval.py all --n-samples 100 --setting both --output docs/results.csv --plot docs/plots
     torchrun --nproc_per_node 2 eval.py niah   # the grid sharded over 2 processes, one CSV from rank 0
@@ -17,11 +17,13 @@ import torch
 from tinytis import shard
 from tinytis.device import add_device_flag, resolve_device
 from tinytis.errors import ArgumentParser, UserError, comma_list, run_cli
-from tinytis.evaluate import FAMILIES, TASKS, CellKey, Evaluator, format_summary, read_csv, write_csv, write_timing
+from tinytis.evaluate import Evaluator
+from tinytis.grid import FAMILIES, TASKS, CellKey
 from tinytis.manager import check_budget
 from tinytis.model import Transformer
 from tinytis.plots import plot
 from tinytis.policies import POLICIES
+from tinytis.results import format_summary, read_csv, write_csv, write_timing
 from tinytis.tasks import longbench
 from tinytis.tokenizer import Tokenizer
 from tinytis.weights import resolve_model_dir
@@ -58,9 +60,9 @@ def main():
     parser.add_argument("--n-samples", "--n_samples", type=int, default=4, help="samples per cell")
     parser.add_argument("--setting", choices=("agnostic", "aware", "both"), default="agnostic",
                         help="compress the context before the question (agnostic) or with it (aware)")
-    parser.add_argument("--family", choices=FAMILIES + ("both",), default="both",
-                        help="prompts of the training distribution (id), the held-out prompt family (ood), or both "
-                             "side by side")
+    parser.add_argument("--family", choices=FAMILIES + ("all",), default="all",
+                        help="prompts of the training distribution (id), the held-out prompt family (ood), real prose "
+                             "(prose), or all three side by side")
     parser.add_argument("--data", type=Path, help="longbench: a JSONL file of records with context, input, answers")
     parser.add_argument("--max-len", type=int, help="longbench: contexts longer than this many tokens are truncated "
                                                      "from the middle (default: the model's context less 64 tokens)")
@@ -131,7 +133,7 @@ def main():
     settings = ["agnostic", "aware"] if args.setting == "both" else [args.setting]
     evaluator = Evaluator(model, tok, model_dir, args.batch_size, args.seed, policy_models, data)
     rank, world = shard.init()
-    families = FAMILIES if args.family == "both" else (args.family,)
+    families = FAMILIES if args.family == "all" else (args.family,)
     rows = evaluator.run(tasks, policies, budgets, settings, lengths, depths, litm_docs, args.n_samples, rank, world,
                          families)
     shard.close(world)

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The TIS ablation of docs/results.md: from the committed base model, the default recipe (`python train.py`:
-# 200 oracle steps, then 400 ERT steps, anchors 4 sinks + 16 recent, per-(layer, KV head) scores) retrained with
-# one change per variant, then every variant evaluated in one grid beside the committed components.
+# The TIS ablation on the committed base model (models/tiny, v2): the default recipe (`python train.py`: 200 oracle
+# steps, then 400 ERT steps at lr 1e-3 on the broader mix of tinytis/tasks/tis_mix.py, anchors 4 sinks + 16 recent
+# within a quarter of each budget, per-(layer, KV head) scores) retrained with one change per variant, then every
+# variant evaluated in one grid beside the committed components, both prompt families side by side. Not yet run on
+# v2: docs/results_v1.md holds the ablation of the first model (about 40 minutes of training there).
 #
-#   bash scripts/ablation.sh            # ~40 min of training + the grid on a 2-core CPU; components -> runs/ablation
+#   bash scripts/ablation.sh            # six trainings + the grid; components -> runs/ablation
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=runs/ablation

@@ -25,12 +25,12 @@ def test_same_command_twice_gives_an_identical_csv(tmp_path):
     header, *rows = a.splitlines()
     assert header.split(",")[:10] == ["task", "variant", "family", "policy", "budget", "setting", "length", "depth",
                                       "metric", "n"]
-    assert len(rows) == 3 * 2 * 4  # 3 variants x 2 prompt families x (full at 1.0 + tis, h2o, oracle at 0.25)
-    assert sorted({row.split(",")[2] for row in rows}) == ["id", "ood"]
+    assert len(rows) == 3 * 3 * 4  # 3 variants x 3 prompt families x (full at 1.0 + tis, h2o, oracle at 0.25)
+    assert sorted({row.split(",")[2] for row in rows}) == ["id", "ood", "prose"]
     assert (tmp_path / "a.timing.csv").exists()
     report = run_eval("--report", str(tmp_path / "a.csv"))
     assert report.returncode == 0 and "| tis |" in report.stdout
-    assert "| policy | 0.25 id | 0.25 ood | 1 id | 1 ood |" in report.stdout  # the families side by side
+    assert "| policy | 0.25 id | 0.25 ood | 0.25 prose | 1 id | 1 ood | 1 prose |" in report.stdout  # side by side
 
 
 def test_one_family_and_a_csv_from_before_the_families(tmp_path):
@@ -86,7 +86,7 @@ def test_fidelity_of_the_full_cache_is_exact(tmp_path):
     r = run_eval("fidelity", "--policies", "full,streaming", "--budgets", "0.1,1.0", "--lengths", "256",
                  "--n-samples", "2", "--threads", "1", "--output", str(tmp_path / "f.csv"))
     assert r.returncode == 0, r.stderr
-    from tinytis.evaluate import read_csv
+    from tinytis.results import read_csv
 
     scores = {(row.policy, row.metric): row.score for row in read_csv(tmp_path / "f.csv")}
     assert scores[("full", "kl")] == 0 and scores[("full", "top1")] == 1 and scores[("full", "ppl_delta")] == 0

@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 
 from tinytis.config import ModelArgs
 from tinytis.engine import SamplingParams, generate

@@ -11,7 +11,8 @@ import torch
 
 from tinytis.bench.load import random_sharded_checkpoint
 from tinytis.config import ModelArgs
-from tinytis.evaluate import CellKey, make_samples, read_csv
+from tinytis.grid import CellKey, make_samples
+from tinytis.results import read_csv
 from tinytis.importance import TIS
 from tinytis.model import Transformer
 from tinytis.tokenizer import Tokenizer

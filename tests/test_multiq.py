@@ -9,7 +9,8 @@ import torch
 from random_model import random_model, random_prompts
 from tinytis.config import ModelArgs
 from tinytis.engine import SamplingParams, decode, generate, prefill
-from tinytis.evaluate import MAX_NEW_TOKENS, CellKey, Evaluator, make_samples
+from tinytis.evaluate import MAX_NEW_TOKENS, Evaluator
+from tinytis.grid import CellKey, make_samples
 from tinytis.importance import TIS
 from tinytis.manager import CacheManager, ManagerConfig
 from tinytis.policies import TISPolicy, make_policy

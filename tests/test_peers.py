@@ -12,12 +12,16 @@ import torch
 transformers = pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tinytis.bench.common import random_checkpoint  # noqa: E402
-from tinytis.bench.peers import PressedCache, press_answer, press_continuation_logits  # noqa: E402
+from tinytis.bench.peers import PressedCache, press_answer, press_continuation_logits, press_rows  # noqa: E402
 from tinytis.config import ModelArgs  # noqa: E402
 from tinytis.engine import SamplingParams, generate  # noqa: E402
+from tinytis.evaluate import Evaluator  # noqa: E402
+from tinytis.grid import cells, make_samples  # noqa: E402
 from tinytis.model import Transformer  # noqa: E402
+from tinytis.tokenizer import Tokenizer  # noqa: E402
 from random_model import random_prompts  # noqa: E402
 
+TINY = Path(__file__).resolve().parent.parent / "models" / "tiny"
 ARGS = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=256, max_seq_len=512)
 
 
@@ -75,3 +79,18 @@ def test_pressed_cache_feeds_like_one_token_at_a_time(models, per_layer):
                                    position_ids=torch.tensor([[len(context) + i]])).logits[0, -1]
                                 for i, t in enumerate(cont[:-1])])
     torch.testing.assert_close(press_continuation_logits(cache, cont), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_press_rows_score_the_full_cache_as_tinytis_does_on_the_embedded_model():
+    """bench.py peers' rows without a press: transformers' full cache answers each cell's samples, scored as the
+    evaluator scores tinytis's full cache on the same samples (same greedy answers, so the same scores)."""
+    model, tok = Transformer.from_pretrained(TINY), Tokenizer.from_dir(TINY)
+    evaluator = Evaluator(model, tok, TINY)
+    grid_cells = cells("niah", [160], [0.5], []) + cells("narrative", [160], [0.5], [])
+    count = lambda s: len(tok.encode(s, bos=False))  # noqa: E731
+    samples = {c: make_samples(c, 2, 0, count) for c in grid_cells}
+    theirs = press_rows(None, TINY, evaluator, grid_cells, samples, [], [0.1])
+    ours = evaluator.run(["niah", "narrative"], ["full"], [0.1], ["agnostic"], [160], [0.5], [], 2)
+    score = lambda rows: {(r.task, r.variant, r.metric): (r.n, r.score) for r in rows}  # noqa: E731
+    assert {r.policy for r in theirs} == {"transformers"} and len(theirs) == len(ours) == 5  # 3 NIAH variants; F1, EM
+    assert score(theirs) == score(ours)

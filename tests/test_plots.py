@@ -1,7 +1,7 @@
 """NIAH heatmaps: a grid of panels, budgets down and at most 6 policies across, at a size that can be read."""
 import matplotlib.image
 
-from tinytis.evaluate import Row
+from tinytis.results import Row
 from tinytis.plots import layout, plot
 
 POLICIES = ["full", "dms", "h2o", "knorm", "oracle", "random", "snapkv", "streaming", "tis", "tova", "trimkv"]

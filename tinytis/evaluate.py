@@ -1,102 +1,27 @@
-"""Evaluation grids: task x policy x budget x setting on held-out samples, scored, written as CSV (tinytis.plots draws them).
+"""Runs evaluation grids: task x policy x budget x setting on held-out samples (tinytis.grid), scored into rows
+(tinytis.results).
 
-A cell is one (task variant, prompt family, length, depth) of held-out samples, run under one (policy, budget,
-setting). Family "id": the prompts of the training distribution (tinytis.tasks generators, on evaluation seeds);
-"ood": the held-out prompt family (tinytis.tasks.heldout), text no training stage draws.
-Query-agnostic: the context is compressed, then the question is asked. Query-aware: the question is the
-end of the compressed context. The full cache is always a row (policy full, budget 1.0). In multiq, several
-questions follow one context and the cache holds its budget while the answers are decoded.
+Each cell's samples run under one (policy, budget, setting). Query-agnostic: the context is compressed, then the
+question is asked. Query-aware: the question is the end of the compressed context. The full cache is always a row
+(policy full, budget 1.0). In multiq, several questions follow one context and the cache holds its budget while the
+answers are decoded.
 """
-import csv
-import random
-import subprocess
 import time
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 from tqdm import tqdm
 
 from tinytis import shard
 from tinytis.engine import SamplingParams, decode, prefill
-from tinytis.errors import UserError
+from tinytis.grid import cells, make_samples, runs
 from tinytis.manager import CacheManager, ManagerConfig
 from tinytis.model import Transformer
 from tinytis.policies import Needs, Policy, make_policy
-from tinytis.tasks import Sample, fidelity, heldout, litm, multiq, narrative, niah
-from tinytis.tasks.seeds import EVAL_SEEDS
+from tinytis.results import Row, git_commit
+from tinytis.tasks import Sample, multiq, narrative
 
-TASKS = ("niah", "litm", "narrative", "fidelity", "multiq")
-FAMILIES = ("id", "ood")  # in-distribution prompts, the held-out prompt family
-GENERATORS = {  # family -> task -> sample generator
-    "id": {"niah": niah.make, "litm": litm.make, "narrative": narrative.make, "multiq": multiq.make, "fidelity": fidelity.make},
-    "ood": {"niah": heldout.FAMILY.niah, "litm": heldout.FAMILY.litm, "narrative": heldout.FAMILY.narrative, "multiq": heldout.FAMILY.multiq,
-            "fidelity": heldout.FAMILY.fidelity},
-}
 MAX_NEW_TOKENS = 16
-
-
-@dataclass(frozen=True)
-class CellKey:
-    task: str
-    variant: str
-    family: str  # "id" or "ood" (FAMILIES)
-    length: int  # context tokens requested (litm: number of documents)
-    depth: float  # where the asked fact sits, 0..1 (litm: gold document / (docs - 1))
-
-
-@dataclass
-class Row:
-    task: str
-    variant: str
-    family: str
-    policy: str
-    budget: float  # a fraction; token-count budgets are written as floats too
-    setting: str
-    length: int
-    depth: float
-    metric: str
-    n: int
-    score: float
-    kv_bytes_held: int
-    kv_bytes_full: int
-    seed: int
-    commit: str
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-def cells(task: str, lengths, depths, litm_docs, families=("id",)) -> list[CellKey]:
-    if task == "niah":
-        return [CellKey(task, v, f, L, d) for v in niah.VARIANTS for f in families for L in lengths for d in depths]
-    if task == "litm":
-        return [CellKey(task, f"{k}docs", f, k, d) for f in families for k in litm_docs for d in depths]
-    if task == "narrative":
-        return [CellKey(task, "story", f, L, d) for f in families for L in lengths for d in depths]
-    if task == "multiq":
-        return [CellKey(task, f"{multiq.N_QUESTIONS}q", f, L, -1.0) for f in families for L in lengths]
-    return [CellKey(task, "mix", f, L, -1.0) for f in families for L in lengths]
-
-
-def make_samples(cell: CellKey, n: int, seed: int, count) -> list[Sample]:
-    """n held-out samples of a cell; the same (cell, n, seed) always gives the same samples (an "ood" cell: the
-    held-out family's prompts on the seeds of its "id" twin)."""
-    rng = random.Random(f"{cell.task}/{cell.variant}/{cell.length}/{cell.depth}/{seed}")
-    seeds = [rng.randrange(EVAL_SEEDS.start, EVAL_SEEDS.stop) for _ in range(n)]
-    make = GENERATORS[cell.family][cell.task]
-    if cell.task == "niah":
-        return [make(cell.variant, s, cell.length, cell.depth, count) for s in seeds]
-    if cell.task == "litm":
-        return [make(s, cell.length, round(cell.depth * (cell.length - 1))) for s in seeds]
-    if cell.task == "narrative":
-        return [make(s, cell.length, cell.depth, count) for s in seeds]
-    return [make(s, cell.length, count) for s in seeds]
 
 
 def score_answer(task: str, prediction: str, sample: Sample) -> dict:
@@ -253,90 +178,3 @@ def fidelity_metrics(full: list, evicted: list, conts) -> dict:
         ppl = lambda lp: (-lp.gather(-1, target).mean()).exp()
         metrics["ppl_delta"].append((ppl(log_q) / ppl(log_p) - 1).item())
     return metrics
-
-
-def runs(policies, budgets, unbudgeted=()):
-    """(policy, budget) pairs: the full cache and the policies that set their own budget (dms) once at 1.0; every
-    other policy at each budget below 1."""
-    once = [p for p in policies if p == "full" or p in unbudgeted]
-    return [(p, 1.0) for p in once] + [(p, b) for p in policies if p not in once for b in budgets if b != 1.0]
-
-
-def write_csv(rows: list[Row], path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(Row.__dataclass_fields__))
-        w.writeheader()
-        for r in rows:
-            w.writerow(asdict(r))
-    tmp.replace(path)
-
-
-def write_timing(timing, path: Path):
-    """Tokens/s and peak KV bytes per (policy, budget, setting, task): machine-dependent, so kept out of the CSV."""
-    agg = {}
-    for task, policy, budget, setting, tokens, prefill_s, total_s, peak in timing:
-        a = agg.setdefault((task, policy, budget, setting), [0, 0.0, 0.0, 0])
-        a[0], a[1], a[2], a[3] = a[0] + tokens, a[1] + prefill_s, a[2] + total_s, max(a[3], peak)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["task", "policy", "budget", "setting", "prefill_tokens_per_s", "seconds", "peak_kv_bytes"])
-        for (task, policy, budget, setting), (tokens, prefill_s, total_s, peak) in agg.items():
-            w.writerow([task, policy, budget, setting, round(tokens / max(prefill_s, 1e-9)), round(total_s, 2), peak])
-    tmp.replace(path)
-
-
-def summarize(rows: list[Row]) -> dict:
-    """Mean score per (task, variant, metric, policy, budget, setting, family) over lengths and depths, weighted by n."""
-    acc = {}
-    for r in rows:
-        a = acc.setdefault((r.task, r.variant, r.metric, r.policy, r.budget, r.setting, r.family), [0.0, 0])
-        a[0], a[1] = a[0] + r.score * r.n, a[1] + r.n
-    return {k: (s / n, n) for k, (s, n) in acc.items()}
-
-
-def read_csv(path: Path) -> list[Row]:
-    """Rows of a results CSV; one written before the prompt families (no family column) holds "id" rows."""
-    types = {name: f.type for name, f in Row.__dataclass_fields__.items()}  # str, int or float
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames not in (list(types), [k for k in types if k != "family"]):
-            raise UserError(f"{path} is not a results CSV written by eval.py (its columns differ)")
-        return [Row(**{k: types[k](v) for k, v in {"family": "id", **r}.items()}) for r in reader]
-
-
-def kv_kept(rows: list[Row]) -> dict:
-    """KV bytes held after compression / the full cache's, per (task, variant, setting, policy, budget, family): a
-    policy that sets its own budget (dms) is compared with the others at this fraction."""
-    first, acc = {}, {}
-    for r in rows:
-        if r.metric == first.setdefault((r.task, r.variant), r.metric):  # every metric of a cell holds the same bytes
-            a = acc.setdefault((r.task, r.variant, r.setting, r.policy, r.budget, r.family), [0, 0])
-            a[0], a[1] = a[0] + r.kv_bytes_held, a[1] + r.kv_bytes_full
-    return {k: held / full for k, (held, full) in acc.items()}
-
-
-def format_summary(rows: list[Row]) -> str:
-    """Markdown tables, one per (task, variant, metric, setting): a row per policy, a column per budget and prompt
-    family (in-distribution and held-out side by side), n per cell; then one of the KV bytes held per (task,
-    variant, setting)."""
-    tables = {}
-    for (task, variant, metric, policy, budget, setting, family), value in summarize(rows).items():
-        tables.setdefault((task, variant, metric, setting), {})[(policy, budget, family)] = value
-    for (task, variant, setting, policy, budget, family), fraction in kv_kept(rows).items():
-        tables.setdefault((task, variant, "KV bytes held / full cache", setting), {})[(policy, budget, family)] = (fraction, 0)
-    out = []
-    for (task, variant, metric, setting), cells in sorted(tables.items()):
-        families = [f for f in FAMILIES if any(f == c[2] for c in cells)]
-        columns = [(b, f) for b in sorted({c[1] for c in cells}) for f in families]
-        n = max(v[1] for v in cells.values())
-        out.append(f"\n**{task} {variant}, {metric}, query-{setting}**" + (f" (n = {n} per cell)\n" if n else "\n"))
-        tagged = families != ["id"]  # name the family in each column unless every prompt is in-distribution
-        out.append("| policy | " + " | ".join(f"{b:g}" + (f" {f}" if tagged else "") for b, f in columns) + " |")
-        out.append("|---|" + "---:|" * len(columns))
-        for policy in sorted({c[0] for c in cells}, key=lambda p: (p != "full", p)):
-            row = [f"{cells[(policy, b, f)][0]:.3f}" if (policy, b, f) in cells else "" for b, f in columns]
-            out.append(f"| {policy} | " + " | ".join(row) + " |")
-    return "\n".join(out)

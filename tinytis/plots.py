@@ -1,4 +1,4 @@
-"""Plots of evaluation rows (tinytis.evaluate.Row): NIAH heatmap grids and score-vs-KV-bytes curves.
+"""Plots of evaluation rows (tinytis.results.Row): NIAH heatmap grids and score-vs-KV-bytes curves.
 
     niah_{variant}_{setting}_{family}.png    a panel per (budget, policy): exact match by depth x length, each cell
                                              written out; budgets down, policies across, at most 6 panels a row
@@ -7,7 +7,8 @@
 import math
 from pathlib import Path
 
-from tinytis.evaluate import FAMILIES, Row, kv_kept, summarize
+from tinytis.grid import FAMILIES
+from tinytis.results import Row, kv_kept, summarize
 
 MAX_COLUMNS = 6
 FAMILY_NAMES = {"id": "in-distribution prompts", "ood": "held-out prompt family"}

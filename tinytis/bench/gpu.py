@@ -67,15 +67,16 @@ class Row:
                 fmt(self.vs_peer, ".2f") + ("x" if self.vs_peer is not None else "")]
 
 
-def seconds_per_call(fn, device: torch.device) -> float:
-    """Median seconds per call: triton's do_bench on CUDA (L2 flushed between calls), wall clock on CPU."""
+def seconds_per_call(fn, device: torch.device, reps: int | None = None) -> float:
+    """Median seconds per call: triton's do_bench on CUDA over reps milliseconds (default 100; L2 flushed between
+    calls), wall clock over reps calls on CPU (default 5)."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return do_bench(fn, rep=100, return_mode="median") / 1e3
+        return do_bench(fn, rep=reps or 100, return_mode="median") / 1e3
     fn()
     times = []
-    for _ in range(5):
+    for _ in range(reps or 5):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -93,34 +94,39 @@ def bnb_linear(weight: torch.Tensor, dtype):
 
 
 def matmul_rows(shapes, device, dtype, peak_tbps) -> list[Row]:
+    """NF4 matmul rows of every (N, K) weight shape at every batch, against bitsandbytes (where installed) and a
+    dense torch matmul."""
     try:
         import bitsandbytes  # noqa: F401
+        with_bitsandbytes = True
     except ImportError:
-        bitsandbytes = None
+        with_bitsandbytes = False
+    return [row for n, k in shapes for row in shape_matmul_rows(n, k, device, dtype, peak_tbps, with_bitsandbytes)]
+
+
+def shape_matmul_rows(n: int, k: int, device, dtype, peak_tbps, with_bitsandbytes: bool) -> list[Row]:
+    """The rows of one weight shape (N, K); its weights, one per engine, are freed when it returns."""
     engine = f"tinytis ({'triton' if kernels.use_triton(torch.empty(0, device=device)) else 'torch'})"
+    dense = torch.randn(n, k, device=device, dtype=dtype) * 0.02
+    w = nf4.quantize(dense)
+    peers = {"torch matmul": (lambda x: F.linear(x, dense), dense.numel() * dense.element_size())}
+    if with_bitsandbytes:
+        peers = {"bitsandbytes": (bnb_linear(dense, dtype), w.nbytes())} | peers
     rows = []
-    for n, k in shapes:
-        dense = torch.randn(n, k, device=device, dtype=dtype) * 0.02
-        w = nf4.quantize(dense)
-        peers = {"torch matmul": (lambda x: F.linear(x, dense), dense.numel() * dense.element_size())}
-        if bitsandbytes is not None:
-            layer = bnb_linear(dense, dtype)
-            peers = {"bitsandbytes": (layer, w.nbytes())} | peers
-        for batch in BATCHES:
-            x = torch.randn(batch, k, device=device, dtype=dtype)
-            ref = nf4_matmul_ref(x, w).float()
-            if (kernels.nf4_matmul(x, w).float() - ref).abs().max() > 2**-6 * ref.abs().max():  # test_kernels' bf16 bound
-                raise RuntimeError(f"NF4 matmul {n}x{k} batch {batch} disagrees with its reference; no figures")
-            io = (batch * (k + n)) * x.element_size()
-            ours = seconds_per_call(lambda: kernels.nf4_matmul(x, w), device)
-            timed = [(name, seconds_per_call(lambda: fn(x), device), nbytes) for name, (fn, nbytes) in peers.items()]
-            first_peer = timed[0][1]
-            for name, s, nbytes in [(engine, ours, w.nbytes())] + timed:
-                gbps = (nbytes + io) / s / 1e9
-                rows.append(Row("nf4 matmul", f"{n}x{k}", name, "bf16 weights" if name == "torch matmul" else "nf4",
-                                batch, us=s * 1e6, gbps=gbps, hbm=gbps / 1e3 / peak_tbps if peak_tbps else None,
-                                vs_peer=first_peer / s if name == engine else None))
-        del dense, w, peers
+    for batch in BATCHES:
+        x = torch.randn(batch, k, device=device, dtype=dtype)
+        ref = nf4_matmul_ref(x, w).float()
+        if (kernels.nf4_matmul(x, w).float() - ref).abs().max() > 2**-6 * ref.abs().max():  # test_kernels' bf16 bound
+            raise RuntimeError(f"NF4 matmul {n}x{k} batch {batch} disagrees with its reference; no figures")
+        io = (batch * (k + n)) * x.element_size()
+        ours = seconds_per_call(lambda: kernels.nf4_matmul(x, w), device)
+        timed = [(name, seconds_per_call(lambda: fn(x), device), nbytes) for name, (fn, nbytes) in peers.items()]
+        first_peer = timed[0][1]
+        for name, s, nbytes in [(engine, ours, w.nbytes())] + timed:
+            gbps = (nbytes + io) / s / 1e9
+            rows.append(Row("nf4 matmul", f"{n}x{k}", name, "bf16 weights" if name == "torch matmul" else "nf4",
+                            batch, us=s * 1e6, gbps=gbps, hbm=gbps / 1e3 / peak_tbps if peak_tbps else None,
+                            vs_peer=first_peer / s if name == engine else None))
     return rows
 
 

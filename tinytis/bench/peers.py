@@ -88,7 +88,8 @@ def press_rows(kvpress, model_dir: Path, evaluator, cells, samples, presses, bud
     KL(full || pressed) against transformers' own full cache, the reference tinytis's rows use on its side."""
     from transformers import AutoModelForCausalLM
 
-    from tinytis.evaluate import MAX_NEW_TOKENS, Row, fidelity_metrics, score_answer
+    from tinytis.evaluate import MAX_NEW_TOKENS, fidelity_metrics, score_answer
+    from tinytis.results import Row
 
     # ObservedAttention reads the attention weights (eager attention only); AdaKV masks keys inside SDPA
     models = {impl: AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=impl, dtype=torch.float32).eval()
@@ -116,7 +117,7 @@ def press_rows(kvpress, model_dir: Path, evaluator, cells, samples, presses, bud
                     scores = {k: v[0] for k, v in fidelity_metrics([full_logits[i]], [logits], [conts[i]]).items()}
                 else:
                     tokens = press_answer(cache, questions[i], tok.eos_id, MAX_NEW_TOKENS)
-                    scores = score_answer(cell.task, tok.decode(tokens), s.answer)
+                    scores = score_answer(cell.task, tok.decode(tokens), s)
                 for k, v in scores.items():
                     metrics.setdefault(k, []).append(v)
                 bar.update()
@@ -135,7 +136,8 @@ def plot_peers(rows, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tinytis.evaluate import FAMILIES, summarize
+    from tinytis.grid import FAMILIES
+    from tinytis.results import summarize
     from tinytis.plots import FAMILY_NAMES
 
     summary = {k: v[0] for k, v in summarize(rows).items() if k[2] == ("kl" if k[0] == "fidelity" else "em")}
@@ -182,7 +184,9 @@ def peers(a):
     except ImportError:
         raise UserError("bench.py peers needs kvpress, which is not installed here; create its environment and run it "
                         "there: python -m venv .venv-kvpress && .venv-kvpress/bin/pip install torch==2.13.0 -e . kvpress==0.5.5")
-    from tinytis.evaluate import FAMILIES, Evaluator, cells as task_cells, format_summary, make_samples, write_csv
+    from tinytis.evaluate import Evaluator
+    from tinytis.grid import FAMILIES, cells as task_cells, make_samples
+    from tinytis.results import format_summary, write_csv
     from tinytis.policies import POLICIES
     from tinytis.tokenizer import Tokenizer
     from tinytis.weights import resolve_model_dir

@@ -37,12 +37,13 @@ def copy(rng: random.Random, length: int, tok, depth: float | None = None, in_pr
 WEIGHTS = {"recall": 1, "passkey": 1, "varied": 1, "multikey": 2, "narrative": 2, "litm": 2}
 
 
-def sample(rng: random.Random, length: int, count, families) -> Sample:
+def sample(rng: random.Random, length: int, count, families, seeds: range = TRAIN_SEEDS) -> Sample:
     """One text sample of about `length` context tokens from a family drawn by weight. families: a list of
-    names (weighted by WEIGHTS) or a {name: weight} mix."""
+    names (weighted by WEIGHTS) or a {name: weight} mix. seeds: the range the generator's seed is drawn from; a
+    held-out evaluation of the mix passes EVAL_SEEDS."""
     mix = families if isinstance(families, dict) else {f: WEIGHTS[f] for f in families}
     family = rng.choices(list(mix), list(mix.values()))[0]
-    seed, depth = rng.randrange(TRAIN_SEEDS.stop), rng.random()
+    seed, depth = rng.randrange(seeds.start, seeds.stop), rng.random()
     if family == "recall":
         return style.recall(rng, Style(TRAIN_TEMPLATES, filler_sentences(rng, 0.3)), length, depth, count)
     if family == "narrative":

@@ -90,7 +90,8 @@ def evaluate_eviction(model, tok, budget: float, anchors: Anchors, score, n: int
     count = lambda s: len(tok.encode(s, bos=False))
     hits, kls = [], []
     for i in range(0, n if samples is None else len(samples), 8):
-        batch = [training.sample(rng, length, count, TIS_FAMILIES) for _ in range(8)] if samples is None else samples[i : i + 8]
+        batch = ([training.sample(rng, length, count, TIS_FAMILIES, seeds=EVAL_SEEDS) for _ in range(8)] if samples is None
+                 else samples[i : i + 8])
         ctx_ids, ctx_pos, cont_ids, cont_pos, cont_mask = on_device(context_batch(tok, batch), model)
         cache = GatedContextKV()
         hidden = model.hidden_states(ctx_ids, ctx_pos, cache)
