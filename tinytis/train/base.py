@@ -52,13 +52,13 @@ BASE_STAGES = [
     # "prose": a keyed task written into training prose; "lm": plain prose, the loss on every token
     Stage("short", (128, 256), 250, 1e-3,
           {"copy": .20, "lm": .15, "recall": .10, "passkey": .15, "multikey": .10, "narrative": .05, "prose": .25}),
-    Stage("medium", (256, 512, 1024), 300, 1e-3,
+    Stage("medium", (256, 512, 1024), 200, 1e-3,
           {"copy": .10, "lm": .10, "recall": .05, "passkey": .15, "multikey": .15, "narrative": .10, "prose": .35}),
-    Stage("long", (512, 1024, 2048), 280, 1e-3,
+    Stage("long", (512, 1024, 2048), 150, 1e-3,
           {"copy": .10, "lm": .05, "recall": .05, "passkey": .10, "multikey": .15, "narrative": .10, "litm": .05,
            "prose": .40}),
     # issue 14's lesson: at a 5 % copy share induction fades, so the anneal keeps 15 %
-    Stage("anneal", (1024, 2048), 120, 3e-4,
+    Stage("anneal", (1024, 2048), 80, 3e-4,
           {"copy": .15, "lm": .05, "passkey": .10, "multikey": .15, "narrative": .10, "litm": .10, "prose": .35}),
 ]
 
