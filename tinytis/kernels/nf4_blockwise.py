@@ -40,6 +40,7 @@ def row_chunks(w, dtype: torch.dtype, device: torch.device):
             yield start, nf4.dequantize_rows(w, start, stop, dtype).float()
 
 
+@torch.no_grad()  # the C kernels and the reused buffer are invisible to autograd: nf4_linear.NF4Matmul differentiates
 def nf4_matmul_blockwise(x: torch.Tensor, w) -> torch.Tensor:
     """y = x @ dequantize(w, x.dtype).T for x (..., K) -> (..., N) in x.dtype."""
     N, K = w.shape
@@ -53,6 +54,7 @@ def nf4_matmul_blockwise(x: torch.Tensor, w) -> torch.Tensor:
     return y.to(x.dtype).view(*x.shape[:-1], N)
 
 
+@torch.no_grad()
 def nf4_matmul_grad_input(grad: torch.Tensor, w) -> torch.Tensor:
     """grad_input = grad @ dequantize(w, grad.dtype) for grad (..., N) -> (..., K) in grad.dtype: the input gradient
     of y = x @ W.T, the weight dequantized again chunk by chunk rather than kept from the forward."""
