@@ -54,7 +54,8 @@ def path(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("shape,start,stop", [((33, 62), 5, 17), ((64, 64), 0, 64), ((128, 320), 3, 4), ((7, 96), 1, 7)])
+@pytest.mark.parametrize("shape,start,stop", [((33, 62), 5, 17), ((64, 64), 0, 64), ((128, 320), 3, 4),
+                                              ((7, 96), 1, 7)])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_dequantize_rows_is_the_slice_of_dequantize(shape, start, stop, double_quant):
     w = weight(*shape, double_quant, seed=shape[1])

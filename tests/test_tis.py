@@ -111,7 +111,8 @@ def test_soft_mask_gives_gradient_to_the_head_and_not_to_the_model(model_dir):
 def saved_bytes(fn) -> int:
     """Bytes of the tensors autograd saves for backward while fn runs."""
     total = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: total.append(t.numel() * t.element_size()) or t, lambda t: t):
+    pack = lambda t: total.append(t.numel() * t.element_size()) or t  # noqa: E731
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(total)
 
@@ -121,7 +122,8 @@ def test_ert_through_an_nf4_base_gets_the_dense_gradients_and_keeps_no_dense_wei
     reaches the TIS components through them (NF4Matmul) with the gradients of the same weights run dense (F.linear on
     the dequantized weights), and keeps only the 4-bit weights: what it saves is the dense run's less, for each NF4
     Linear that the backward goes through, its dense fp32 weight plus its NF4 bytes."""
-    args = argparse.Namespace(stage="ert", model=str(model_dir), run_dir=str(tmp_path), quant="nf4", seed=0, device="cpu")
+    args = argparse.Namespace(stage="ert", model=str(model_dir), run_dir=str(tmp_path), quant="nf4", seed=0,
+                              device="cpu")
     model = stage.frozen_model_start(args)[2]
     dense = Transformer.from_pretrained(model_dir).requires_grad_(False)
     for name, m in model.named_modules():
@@ -136,7 +138,7 @@ def test_ert_through_an_nf4_base_gets_the_dense_gradients_and_keeps_no_dense_wei
         torch.manual_seed(0)
         tis = TIS(SMALL)
         losses = []
-        saved = saved_bytes(lambda: losses.extend(stage.tis_losses(base, tis, batch, budget=0.25, anchors=Anchors(2, 4))))
+        saved = saved_bytes(lambda: losses.extend(stage.tis_losses(base, tis, batch, 0.25, Anchors(2, 4))))
         losses[1].backward()
         results.append((saved, [p.grad for p in tis.parameters()]))
     (saved_nf4, grads_nf4), (saved_dense, grads_dense) = results

@@ -61,7 +61,8 @@ def add_flags(p):
     add_shape_flags(p, dim=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=896, vocab_size=1024)
     p.add_argument("--context", type=int, default=256, help="context tokens per sample")
     p.add_argument("--continuation", type=int, default=32, help="question + answer tokens per sample")
-    p.add_argument("--batch", type=int, default=1, help="samples per step (train.py ert: 4096 tokens' worth, 16 at 256)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="samples per step (train.py ert: 4096 tokens' worth, 16 at 256)")
     p.add_argument("--steps", type=int, default=3, help="timed steps; the first includes one-time costs")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
 

@@ -18,7 +18,7 @@ from collections import Counter
 import torch
 
 from tinytis.kernels._triton import AVAILABLE as TRITON_AVAILABLE
-from tinytis.kernels.nf4_blockwise import nf4_matmul_blockwise, nf4_matmul_grad_input
+from tinytis.kernels import nf4_blockwise
 from tinytis.kernels.nf4_matmul import GEMV_MAX_M, nf4_matmul_triton
 from tinytis.kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
 from tinytis.kernels.rope_cache import rope_cache_write_ref, rope_cache_write_triton
@@ -51,7 +51,13 @@ def nf4_matmul(x, w):
     if use_triton(x) and w.shape[1] % 64 == 0:
         CALLS["nf4_gemv" if x.numel() // x.shape[-1] <= GEMV_MAX_M else "nf4_gemm"] += 1
         return nf4_matmul_triton(x, w)
-    return nf4_matmul_blockwise(x, w)
+    return nf4_blockwise.nf4_matmul_blockwise(x, w)
+
+
+def nf4_matmul_grad_input(grad, w):
+    """grad @ dequantize(w) for grad (..., N) -> (..., K): nf4_matmul's input gradient, on every device through
+    nf4_blockwise (the weight dequantized again, a chunk of rows at a time)."""
+    return nf4_blockwise.nf4_matmul_grad_input(grad, w)
 
 
 def rope_cache_write(q, k, v, positions, inv_freq, k_pool, v_pool, slots):

@@ -1,13 +1,15 @@
 """The C kernels of nf4_cpu.c: compiled at first use with the system C compiler, called through ctypes.
 
-The shared library is cached under ~/.cache/tinytis/kernels (TINYTIS_CACHE moves it), named by a hash of the source
-and the flags. Without a compiler (or TINYTIS_NF4_C=0) library() is None and kernels.nf4_blockwise runs its torch
-path instead. Both functions need K % 64 == 0 and CPU tensors.
+The shared library is cached under ~/.cache/tinytis/kernels (TINYTIS_CACHE moves it), named by a hash of the source,
+the flags and the CPU's features (it is built with -march=native, so a home directory shared by different machines
+gets one library per kind of CPU). Without a compiler (or TINYTIS_NF4_C=0) library() is None and
+kernels.nf4_blockwise runs its torch path instead. Both functions need K % 64 == 0 and CPU tensors.
 """
 import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -35,9 +37,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TINYTIS_CACHE", Path.home() / ".cache" / "tinytis")) / "kernels"
 
 
+def cpu_features() -> str:
+    """The machine and its CPU's feature flags (Linux: /proc/cpuinfo), what -march=native compiles for."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return platform.machine() + next((line for line in lines if line.startswith("flags")), "")
+
+
 def build(out_dir: Path) -> Path:
-    """Compile nf4_cpu.c into out_dir (once per source and flags) -> the library's path."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    """Compile nf4_cpu.c into out_dir (once per source, flags and kind of CPU) -> the library's path."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + cpu_features().encode()).hexdigest()[:16]
     lib = out_dir / f"nf4_cpu-{digest}.so"
     if not lib.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
