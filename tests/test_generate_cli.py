@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tinytis.bench.load import random_sharded_checkpoint
 from tinytis.config import ModelArgs
 from tinytis.engine import SamplingParams, generate
 from tinytis.model import Transformer
@@ -95,8 +96,6 @@ def test_nf4_h2o_on_a_sharded_random_checkpoint(tmp_path):
     """Issue 25's command at a small shape: `generate.py --model <dir> --quant nf4 --budget 0.25 --policy h2o
     --prompt-file ...` on a random checkpoint written as `bench.py load` writes the 7B one (bf16 shards with
     model.safetensors.index.json, config.json, a trained sentencepiece tokenizer): tokens come out, exit 0."""
-    from tinytis.bench.load import random_sharded_checkpoint
-
     path = random_sharded_checkpoint(SEVEN_B_FAMILY, tmp_path / "model", shard_bytes=1 << 20)
     assert len(list(path.glob("model-*-of-*.safetensors"))) > 1
     (tmp_path / "p.txt").write_text(" ".join(["alpha beta gamma delta epsilon zeta"] * 40))
