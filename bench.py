@@ -6,6 +6,8 @@
                              loaded in NF4, 128-token prefill, 8 decoded; peak RSS, beside transformers + bitsandbytes
     python bench.py kernels  NF4 gemv at the Mistral-7B shapes (vs bitsandbytes and dequantize + matmul) and paged
                              decode attention at 4k/16k/32k context: GB/s and fraction of peak bandwidth
+    python bench.py ert-step one ERT step (train.py ert) on a frozen NF4 base of a given shape (--shape mistral-7b-v0.3),
+                             random weights, 256 context tokens: seconds per step and peak RSS (tinytis/bench/ert_step.py)
     python bench.py overhead what eviction adds to a 4k-token prefill, per policy: recording the attention statistics
                              the policy needs, and scoring + compaction, as fractions of the full-cache prefill time
     python bench.py gpu      the GPU path in one table, written to docs/benchmarks.md: NF4 matmul at the Mistral-7B
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from tinytis.bench import gpu, load, peers
+from tinytis.bench import ert_step, gpu, load, peers
 from tinytis.bench.common import add_shape_flags
 from tinytis.bench.kernels import bench_kernels
 from tinytis.bench.overhead import overhead
@@ -54,6 +56,9 @@ def main():
     s.add_argument("--reps", type=int, help="CUDA: milliseconds of timing per case (default 200); CPU: calls after one warm-up (default 1)")
     s.add_argument("--full", action="store_true", help="on CPU too, the 4k/16k/32k contexts (default there: 1k, 4k)")
     s.set_defaults(run=bench_kernels)
+    s = sub.add_parser("ert-step", help="seconds and peak RSS of ERT steps on a frozen NF4 base of a given shape")
+    ert_step.add_flags(s)
+    s.set_defaults(run=ert_step.ert_step)
     s = sub.add_parser("overhead", help="what eviction adds to the prefill of a long prompt, per policy")
     add_shape_flags(s, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=768, vocab_size=32768)
     s.add_argument("--prompt-len", type=int, default=4096)

@@ -52,6 +52,20 @@ def test_load_writes_the_hub_layout_once_and_holds_the_rss_bound(tmp_path):
     assert "(cached)" in r.stdout
 
 
+def test_ert_step_runs_at_a_tiny_shape():
+    """`bench.py ert-step` (issue 25's ERT step, which the lead runs at --shape mistral-7b-v0.3): random NF4 base,
+    steps timed, peak RSS reported."""
+    cmd = [sys.executable, str(ROOT / "bench.py"), "ert-step", "--dim", "128", "--n-layers", "2", "--n-heads", "4",
+           "--n-kv-heads", "2", "--head-dim", "32", "--hidden-dim", "384", "--vocab-size", "512", "--context", "64",
+           "--continuation", "8", "--steps", "2", "--threads", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.split("json: ", 1)[1])
+    assert len(result["seconds_per_step"]) == 2 and all(s > 0 for s in result["seconds_per_step"])
+    assert result["tis_params"] == (128 * 128 + 128) + (128 * 4 + 4) + 128 + 512 * 4  # fc1, fc2, norm, embedding
+    assert result["peak_rss_steps"] >= result["rss_built"] > 0
+
+
 def test_speed_runs_the_paged_path_against_transformers():
     """A tiny subset of bench.py speed: the full cache and h2o at two budgets against transformers, one table."""
     pytest.importorskip("transformers")

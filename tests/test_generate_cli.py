@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tinytis.bench.load import random_sharded_checkpoint
 from tinytis.config import ModelArgs
 from tinytis.engine import SamplingParams, generate
 from tinytis.model import Transformer
@@ -83,6 +84,26 @@ def test_bfloat16_and_prompt_file(model_dir, tmp_path):
     m = STATS.fullmatch(r.stdout.splitlines()[-1])
     n_prompt, n_new, kv_bytes = (int(g) for g in m.groups())
     assert kv_bytes == paged_bytes(round(0.5 * n_prompt) + n_new - 1, 2)  # half the prompt kept, then the answer
+
+
+# Mistral-7B-v0.3's layout at 1/16 of its width (GQA 4, hidden 3.5 x dim, head_dim 32): every Linear's K a multiple of
+# 64, so the NF4 matmuls run the C kernels where they build
+SEVEN_B_FAMILY = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=896, vocab_size=1024,
+                           max_seq_len=4096, rope_theta=1e6)
+
+
+def test_nf4_h2o_on_a_sharded_random_checkpoint(tmp_path):
+    """Issue 25's command at a small shape: `generate.py --model <dir> --quant nf4 --budget 0.25 --policy h2o
+    --prompt-file ...` on a random checkpoint written as `bench.py load` writes the 7B one (bf16 shards with
+    model.safetensors.index.json, config.json, a trained sentencepiece tokenizer): tokens come out, exit 0."""
+    path = random_sharded_checkpoint(SEVEN_B_FAMILY, tmp_path / "model", shard_bytes=1 << 20)
+    assert len(list(path.glob("model-*-of-*.safetensors"))) > 1
+    (tmp_path / "p.txt").write_text(" ".join(["alpha beta gamma delta epsilon zeta"] * 40))
+    r = run("--model", path, "--quant", "nf4", "--budget", 0.25, "--policy", "h2o", "--prompt-file", tmp_path / "p.txt",
+            "--max-new-tokens", 6, "--dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    n_prompt, n_new, _ = (int(g) for g in STATS.fullmatch(r.stdout.splitlines()[-1]).groups())
+    assert n_prompt > 100 and n_new >= 1
 
 
 def corrupt_cases(model_dir, tmp: Path):

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from tests.interrupt import interrupt_then_resume
+from tinytis import nf4
 from tinytis.anchors import Anchors
 from tinytis.config import ModelArgs
 from tinytis.ert import ContextKV, anchor_mask, kl_full_evicted, soft_keep_log_mask
 from tinytis.errors import UserError
 from tinytis.importance import TIS
 from tinytis.model import Transformer
+from tinytis.nf4_linear import Linear4bit
 from tinytis.policies import TISPolicy
 from tinytis.tasks import training
 from tinytis.tokenizer import Tokenizer
@@ -104,6 +106,47 @@ def test_soft_mask_gives_gradient_to_the_head_and_not_to_the_model(model_dir):
     assert tis.importance_embedding.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd saves for backward while fn runs."""
+    total = []
+    pack = lambda t: total.append(t.numel() * t.element_size()) or t  # noqa: E731
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(total)
+
+
+def test_ert_through_an_nf4_base_gets_the_dense_gradients_and_keeps_no_dense_weight(model_dir, tmp_path):
+    """train.py ert --quant nf4: frozen_model_start loads the base with NF4 Linears; the student pass's backward
+    reaches the TIS components through them (NF4Matmul) with the gradients of the same weights run dense (F.linear on
+    the dequantized weights), and keeps only the 4-bit weights: what it saves is the dense run's less, for each NF4
+    Linear that the backward goes through, its dense fp32 weight plus its NF4 bytes."""
+    args = argparse.Namespace(stage="ert", model=str(model_dir), run_dir=str(tmp_path), quant="nf4", seed=0,
+                              device="cpu")
+    model = stage.frozen_model_start(args)[2]
+    dense = Transformer.from_pretrained(model_dir).requires_grad_(False)
+    for name, m in model.named_modules():
+        if isinstance(m, Linear4bit):
+            dense.get_submodule(name).weight.copy_(nf4.dequantize(m.weight))
+    in_backward = []  # the NF4 Linears whose input needs a gradient in the student pass
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            m.register_forward_pre_hook(lambda m, inputs: in_backward.append(m) if inputs[0].requires_grad else None)
+    batch, results = _batch(model_dir), []
+    for base in (model, dense):
+        torch.manual_seed(0)
+        tis = TIS(SMALL)
+        losses = []
+        saved = saved_bytes(lambda: losses.extend(stage.tis_losses(base, tis, batch, 0.25, Anchors(2, 4))))
+        losses[1].backward()
+        results.append((saved, [p.grad for p in tis.parameters()]))
+    (saved_nf4, grads_nf4), (saved_dense, grads_dense) = results
+    assert all(g.abs().sum() > 0 for g in grads_nf4[:2])
+    for a, b in zip(grads_nf4, grads_dense):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-8
+    assert len(in_backward) == 2 * 7 - 3  # all but layer 0's wq, wk, wv (their input, the embedding, needs none)
+    assert saved_dense - saved_nf4 == sum(4 * m.in_features * m.out_features - m.weight.nbytes() for m in in_backward)
 
 
 def hard_kl(model, score, batch, budget, anchors):

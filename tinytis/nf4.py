@@ -124,12 +124,14 @@ def _quantize_absmax(absmax: torch.Tensor):
     return q.to(torch.uint8).view(-1)[: absmax.numel()], nested, offset
 
 
-def dequantize_absmax(w) -> torch.Tensor:
-    """fp32 absmax (n_blocks,) of an NF4Weight (or anything with its fields), undoing double quantization."""
+def dequantize_absmax(w, first: int = 0, last: int | None = None) -> torch.Tensor:
+    """fp32 absmax of blocks first:last (default all) of an NF4Weight (or anything with its fields), undoing double
+    quantization."""
+    absmax = w.absmax[first:last]
     if w.nested_absmax is None:
-        return w.absmax
-    code = DYNAMIC_CODE.to(w.absmax.device)[w.absmax.long()]
-    return (_blocks(code, NESTED_BLOCK) * w.nested_absmax[:, None]).view(-1)[: w.absmax.numel()] + w.offset
+        return absmax
+    nested = w.nested_absmax[torch.arange(first, first + absmax.numel(), device=absmax.device) // NESTED_BLOCK]
+    return DYNAMIC_CODE.to(absmax.device)[absmax.long()] * nested + w.offset
 
 
 QUANT_CHUNK = 1 << 20  # weights quantized at a time (a multiple of BLOCK): bounds the temporaries to ~15 MB
@@ -158,9 +160,18 @@ def quantize(w: torch.Tensor, double_quant: bool = True) -> NF4Weight:
 BYTE_VALUES = torch.stack((NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)), dim=1)  # (256, 2)
 
 
+def dequantize_rows(w, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows start:stop of the dense weight, (stop - start, K) in dtype, decoding only the blocks of 64 that hold them
+    (a block may straddle two rows when K is not a multiple of 64)."""
+    K = w.shape[1]
+    first, last = start * K // BLOCK, -(-stop * K // BLOCK)  # the blocks that hold elements start * K : stop * K
+    packed = w.packed[first * BLOCK // 2 : last * BLOCK // 2]
+    values = BYTE_VALUES.to(packed.device)[packed.long()].view(-1)  # (2 * bytes,): the last block of w may be short
+    scaled = (_blocks(values, BLOCK) * dequantize_absmax(w, first, last)[:, None]).view(-1)
+    skip = start * K - first * BLOCK
+    return scaled[skip : skip + (stop - start) * K].view(stop - start, K).to(dtype)
+
+
 def dequantize(w, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """NF4Weight (or anything with its fields) -> dense (N, K) in dtype, as bitsandbytes' dequantize_4bit."""
-    n = w.shape.numel()
-    values = BYTE_VALUES.to(w.packed.device)[w.packed.long()].view(-1)[:n]
-    out = (_blocks(values, BLOCK) * dequantize_absmax(w)[:, None]).view(-1)[:n]
-    return out.view(w.shape).to(dtype)
+    return dequantize_rows(w, 0, w.shape[0], dtype)

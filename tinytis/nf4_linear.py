@@ -1,4 +1,4 @@
-"""The Linear layer that runs on NF4 weights, and the helpers that put it into a model.
+"""The Linear layer that runs on NF4 weights, its autograd Function, and the helpers that put it into a model.
 
 The format itself (tables, NF4Weight, quantize, dequantize) is tinytis.nf4; the matmul is tinytis.kernels.nf4_matmul.
 """
@@ -9,8 +9,31 @@ from tinytis import kernels
 from tinytis.nf4 import NF4Weight, quantize
 
 
+class NF4Matmul(torch.autograd.Function):
+    """y = x @ W.T for a frozen NF4 weight, whose backward keeps only the 4-bit weight.
+
+    F.linear(x, dequantize(W)) would make autograd keep the dequantized W for grad_input (4 bytes a weight in fp32,
+    8 times the NF4 bytes); here backward dequantizes W again, a chunk of rows at a time
+    (kernels.nf4_matmul_grad_input). The weight gets no gradient: it is a buffer, not a parameter.
+    """
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax, nested_absmax, offset, shape, weight_dtype):
+        weight = NF4Weight(packed, absmax, shape, weight_dtype, nested_absmax, offset)
+        ctx.save_for_backward(packed, absmax, nested_absmax, offset)
+        ctx.shape, ctx.weight_dtype = shape, weight_dtype
+        return kernels.nf4_matmul(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        packed, absmax, nested_absmax, offset = ctx.saved_tensors
+        weight = NF4Weight(packed, absmax, ctx.shape, ctx.weight_dtype, nested_absmax, offset)
+        return kernels.nf4_matmul_grad_input(grad, weight), None, None, None, None, None, None
+
+
 class Linear4bit(nn.Module):
-    """A bias-free Linear whose weight is held in NF4: y = x @ W.T, computed by kernels.nf4_matmul.
+    """A bias-free Linear whose weight is held in NF4: y = x @ W.T, computed by kernels.nf4_matmul (through NF4Matmul,
+    so a backward to x keeps no dense weight).
 
     The buffers are the NF4Weight fields, so .to(device) moves them and `weight` returns them as one.
     """
@@ -30,7 +53,8 @@ class Linear4bit(nn.Module):
                          self.weight_dtype, self.nested_absmax, self.offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.nf4_matmul(x, self.weight)
+        return NF4Matmul.apply(x, self.packed, self.absmax, self.nested_absmax, self.offset,
+                               torch.Size((self.out_features, self.in_features)), self.weight_dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, double_quant={self.nested_absmax is not None}"

@@ -1,9 +1,11 @@
 """bench.py kernels: NF4 gemv at the Mistral-7B shapes (vs bitsandbytes and dequantize + matmul) and paged decode
-attention at 4k/16k/32k context: GB/s and fraction of peak bandwidth (the torch reference path on CPU)."""
+attention at 4k/16k/32k context: GB/s and fraction of peak bandwidth (on CPU: the blockwise NF4 path, the torch
+reference attention)."""
 import torch
 import torch.nn.functional as F
 
 from tinytis import kernels
+from tinytis.kernels.nf4_blockwise import nf4_matmul_blockwise
 from tinytis.kernels.nf4_matmul import nf4_matmul_ref, nf4_matmul_triton
 from tinytis.kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
 from tinytis import nf4
@@ -50,7 +52,8 @@ def gemv_line(k: int, n: int, ours, bnb, device: torch.device, dtype, reps: int,
 
 def bench_kernels(args):
     """NF4 gemv at the Mistral-7B shapes against bitsandbytes and dequantize + matmul, and paged decode
-    attention at 4k/16k/32k context. On CPU the torch reference path runs, at fewer reps."""
+    attention at 4k/16k/32k context. On CPU the blockwise NF4 path and the torch reference attention run, at fewer
+    reps."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     reps = args.reps or (200 if cuda else 1)  # CUDA: milliseconds of do_bench; CPU: calls
@@ -58,7 +61,7 @@ def bench_kernels(args):
     name = torch.cuda.get_device_name() if cuda else "CPU"
     peak = next((v for k, v in HBM_TBPS.items() if k in name), None) if cuda else None
     copy = _copy_tbps(device, reps)
-    path = "Triton kernels" if cuda else "torch reference path (no GPU: these are not kernel figures)"
+    path = "Triton kernels" if cuda else "CPU: NF4 through the blockwise path (C gemv), attention through the torch reference"
     print(f"device {name}: {path}; kernels backend {kernels.BACKEND}; activations {str(dtype).removeprefix('torch.')}")
     print(f"peak bandwidth: nominal {f'{peak:.2f} TB/s' if peak else 'unknown'}, measured copy {copy:.3f} TB/s")
     print("columns per method: us per call, GB/s, % of nominal peak, % of measured copy bandwidth")
@@ -67,7 +70,7 @@ def bench_kernels(args):
         import bitsandbytes as bnb
     except ImportError:
         bnb = None
-    ours = ("tinytis triton", lambda x, w: nf4_matmul_triton(x, w)) if cuda else ("tinytis reference", nf4_matmul_ref)
+    ours = ("tinytis triton", lambda x, w: nf4_matmul_triton(x, w)) if cuda else ("tinytis blockwise", nf4_matmul_blockwise)
     print("\nNF4 gemv, batch 1, double-quantized absmax; bytes = codes + absmax + x + y")
     print(f"{'in x out':>13} {'MB':>6} | {ours[0]:^32} | {'bitsandbytes matmul_4bit':^32} | {'dequantize + torch.matmul':^32}")
     for k, n in GEMV_SHAPES:

@@ -156,6 +156,11 @@ def _load_in_this_process(path: str, dtype: str) -> dict:
     return dict(base=base * 1024, peak=_kib("VmHWM") * 1024, final=_kib("VmRSS") * 1024, weights=weights)
 
 
+def rss() -> int:
+    """The resident set of this process now, in bytes."""
+    return _kib("VmRSS") * 1024
+
+
 def measure_dense_load(args: ModelArgs, dtype: str, file_dtype: torch.dtype = torch.float32) -> dict:
     """Peak RSS growth of a fresh process loading a random checkpoint (stored in file_dtype) into dtype, unquantized."""
     with tempfile.TemporaryDirectory() as d:

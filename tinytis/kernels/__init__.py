@@ -1,4 +1,8 @@
-"""Kernel dispatch, chosen once at import: Triton on CUDA, the torch reference everywhere else.
+"""Kernel dispatch, chosen once at import: Triton on CUDA, the torch paths everywhere else.
+
+The NF4 matmul off Triton is nf4_blockwise's (a C gemv on CPU for decode, blockwise dequantize + torch matmul
+otherwise), never the whole weight dense; nf4_matmul_ref (dequantize, then F.linear) is what it is tested against.
+nf4_matmul_grad_input, the backward of an NF4 Linear, is nf4_blockwise's on every device.
 
 TINYTIS_KERNELS=torch|triton overrides the choice. Triton kernels run on CUDA tensors, or on CPU
 tensors when TRITON_INTERPRET=1 was set before triton was imported (how the tests check them).
@@ -14,7 +18,8 @@ from collections import Counter
 import torch
 
 from tinytis.kernels._triton import AVAILABLE as TRITON_AVAILABLE
-from tinytis.kernels.nf4_matmul import GEMV_MAX_M, nf4_matmul_ref, nf4_matmul_triton
+from tinytis.kernels import nf4_blockwise
+from tinytis.kernels.nf4_matmul import GEMV_MAX_M, nf4_matmul_triton
 from tinytis.kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
 from tinytis.kernels.rope_cache import rope_cache_write_ref, rope_cache_write_triton
 
@@ -46,7 +51,13 @@ def nf4_matmul(x, w):
     if use_triton(x) and w.shape[1] % 64 == 0:
         CALLS["nf4_gemv" if x.numel() // x.shape[-1] <= GEMV_MAX_M else "nf4_gemm"] += 1
         return nf4_matmul_triton(x, w)
-    return nf4_matmul_ref(x, w)
+    return nf4_blockwise.nf4_matmul_blockwise(x, w)
+
+
+def nf4_matmul_grad_input(grad, w):
+    """grad @ dequantize(w) for grad (..., N) -> (..., K): nf4_matmul's input gradient, on every device through
+    nf4_blockwise (the weight dequantized again, a chunk of rows at a time)."""
+    return nf4_blockwise.nf4_matmul_grad_input(grad, w)
 
 
 def rope_cache_write(q, k, v, positions, inv_freq, k_pool, v_pool, slots):

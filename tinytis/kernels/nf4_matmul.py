@@ -25,7 +25,8 @@ GEMV_MAX_M = 8
 
 
 def nf4_matmul_ref(x: torch.Tensor, w) -> torch.Tensor:
-    """Torch reference and CPU path: dequantize W to x's dtype, then F.linear (what bitsandbytes does off GPU)."""
+    """Torch reference: dequantize W to x's dtype, then F.linear (what bitsandbytes does off GPU). The other paths are
+    tested against it; off Triton, kernels.nf4_matmul runs nf4_blockwise's path, which holds no dense W."""
     return F.linear(x, nf4.dequantize(w, x.dtype))
 
 
