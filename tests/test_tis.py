@@ -164,8 +164,10 @@ def hard_kl(model, score, batch, budget, anchors):
 
 
 def test_a_few_ert_steps_lower_the_kl_below_the_attention_oracle(model_dir):
-    """40 ERT steps lower the hard-eviction KL of an untrained head below that of keeping what the continuation
-    attends to most (the oracle labels): ERT optimises the KL itself, not the attention mass."""
+    """80 ERT steps lower the hard-eviction KL of an untrained head below that of keeping what the continuation
+    attends to most (the oracle labels): ERT optimises the KL itself, not the attention mass. (40 steps sufficed
+    while the tokenizer was fitted to the synthetic tasks alone; fitted to prose as well, 40 steps reach a KL of
+    0.344 against the oracle's 0.330.)"""
     torch.manual_seed(0)
     model = Transformer.from_pretrained(model_dir).requires_grad_(False)
     batch, anchors = _batch(model_dir, n=8), Anchors(2, 4)
@@ -174,7 +176,7 @@ def test_a_few_ert_steps_lower_the_kl_below_the_attention_oracle(model_dir):
     learned = lambda hidden, ids, mass: tis(hidden, ids)
     start = hard_kl(model, learned, batch, 0.25, anchors)
     oracle = hard_kl(model, lambda hidden, ids, mass: mass, batch, 0.25, anchors)
-    for _ in range(40):
+    for _ in range(80):
         align, kl = stage.tis_losses(model, tis, batch, 0.25, anchors)
         opt.zero_grad()
         (kl + 0.1 * align).backward()
