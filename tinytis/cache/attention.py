@@ -1,0 +1,72 @@
+"""The masks of a PagedKVCache's attention, and the attention statistics it records for the eviction policy."""
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Observe:
+    """Attention statistics a PagedKVCache records for the eviction policy while it runs attention."""
+
+    mass: bool = False  # add the attention each query puts on a slot to that slot's mass, mean over the GQA group
+    window: torch.Tensor | None = None  # (B,): per query head, the attention of each row's last window[b] queries
+    dms_window: int | None = None  # record DMS decisions; a key decided "evict" is masked beyond this distance
+    slot_value: Callable | None = None  # (layer, x (B, T, dim)) -> (B, KV, T): stored with each slot as it is written
+
+    def per_slot(self) -> "Observe":
+        """What goes on being recorded for every new slot (DMS decisions, slot values) once the attention
+        statistics stop: after a fork, or after the oracle's reference answer."""
+        return Observe(dms_window=self.dms_window, slot_value=self.slot_value)
+
+
+def visible_keys(q_pos, key_pos, sliding_window: int | None, evicted=None, dms_window: int | None = None):
+    """Which keys each query of the chunk sees: q_pos (B, T), key_pos (B, X, Tk) -> bool (B, X, T, Tk). A real query
+    sees the held keys not after it (within the sliding window; for DMS, evicted (B, X, Tk) keys only within
+    dms_window); a padded query sees every key, so no softmax row is empty, and its output is never used."""
+    q, k = q_pos[:, None, :, None], key_pos[:, :, None, :]
+    visible = (k <= q) & (k >= 0)
+    if sliding_window is not None:
+        visible &= q - k < sliding_window
+    if evicted is not None:
+        visible = visible & (~evicted[:, :, None, :] | (q - k <= dms_window))
+    return visible | (q < 0)
+
+
+def additive_mask(visible, n_heads: int, dtype):
+    """The additive mask SDPA takes: 0 where visible (B, 1 or KV, T, S), -inf elsewhere: (B, 1 or n_heads, T, S)."""
+    if visible.shape[1] > 1:
+        visible = visible.repeat_interleave(n_heads // visible.shape[1], dim=1)
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
+
+
+def counted_queries(observe: Observe, q_pos, dtype):
+    """Which queries of the chunk, q_pos (B, T), each statistic in observe counts: (B, 1, 1, C, T) as 0/1, C = the
+    mass (every real query) and/or the window (each row's last window[b] real queries), or None; and the first
+    query that counts for any."""
+    real = q_pos >= 0  # (B, T)
+    counted = [real] if observe.mass else []
+    if observe.window is not None:
+        counted.append(real & (real.flip(1).cumsum(1).flip(1) <= observe.window[:, None].to(real.device)))
+    if not counted:
+        return None, 0
+    first = 0 if observe.mass else real.shape[1] - int(counted[-1].sum(1).max())
+    return torch.stack(counted, 1).to(dtype)[:, None, None], first
+
+
+def attention_received(q, keys, visible, counted, first_counted: int):
+    """The attention each key receives from the counted queries, a block of queries at a time: q (B, H, T, D), keys
+    (B, KV, Tk, D), visible (B, KV or 1, T, Tk), counted (B, 1, 1, C, T) -> (B, KV, G, C, Tk), in counted's dtype."""
+    B, H, T, D = q.shape
+    KV, Tk = keys.shape[1], keys.shape[2]
+    G = H // KV
+    summed = counted.new_zeros(B, KV, G, counted.shape[3], Tk)  # attention summed over the queries counted
+    block = max(1, 2**24 // (B * H * Tk))
+    for t0 in range(first_counted, T, block):
+        t1 = min(T, t0 + block)
+        n = Tk - (T - t1)  # keys are in position order and the last T - t1 are after every real query of the block
+        qb = (q[:, :, t0:t1] * D**-0.5).reshape(B, KV, G * (t1 - t0), D).to(summed.dtype)
+        logits = (qb @ keys[:, :, :n].to(summed.dtype).transpose(-1, -2)).view(B, KV, G, t1 - t0, n)
+        probs = logits.masked_fill_(~visible[:, :, None, t0:t1, :n], float("-inf")).softmax(-1)
+        summed[..., :n] += counted[..., t0:t1] @ probs  # (B, KV, G, C, n)
+    return summed
