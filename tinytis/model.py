@@ -73,9 +73,12 @@ class Rope:
     def __init__(self, positions, inv_freq, dtype):
         self.positions, self.inv_freq = positions, inv_freq
         self.cos, self.sin = _cos_sin(positions, inv_freq, dtype)
+        half = self.sin.shape[-1] // 2
+        self.signed_sin = torch.cat((-self.sin[..., :half], self.sin[..., half:]), dim=-1)
 
     def apply(self, x):
-        return apply_rope(x, self.cos, self.sin)
+        """apply_rope(x, cos, sin) in fewer ops, bit for bit: rotate_half(x) * sin = roll(x, D/2) * signed_sin."""
+        return x * self.cos + x.roll(x.shape[-1] // 2, -1) * self.signed_sin
 
 
 def attention_mask(q_pos, k_pos, sliding_window: int | None, dtype=torch.float32):

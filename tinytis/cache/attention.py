@@ -44,12 +44,12 @@ def counted_queries(observe: Observe, q_pos, dtype):
     """Which queries of the chunk, q_pos (B, T), each statistic in observe counts: (B, 1, 1, C, T) as 0/1, C = the
     mass (every real query) and/or the window (each row's last window[b] real queries), or None; and the first
     query that counts for any."""
+    if not observe.mass and observe.window is None:
+        return None, 0
     real = q_pos >= 0  # (B, T)
     counted = [real] if observe.mass else []
     if observe.window is not None:
         counted.append(real & (real.flip(1).cumsum(1).flip(1) <= observe.window[:, None].to(real.device)))
-    if not counted:
-        return None, 0
     first = 0 if observe.mass else real.shape[1] - int(counted[-1].sum(1).max())
     return torch.stack(counted, 1).to(dtype)[:, None, None], first
 

@@ -6,6 +6,7 @@ from tinytis import kernels
 from tinytis.cache.attention import Observe, additive_mask, attention_received, counted_queries, visible_keys
 from tinytis.cache.pool import PagePool
 from tinytis.cache.tables import PageTables
+from tinytis.cache.view import HeldKV
 from tinytis.config import ModelArgs
 from tinytis.model import attend
 
@@ -20,7 +21,15 @@ class PagedKVCache(PageTables):
     def __init__(self, args: ModelArgs, batch_size: int, pool: PagePool):
         super().__init__(args, batch_size, pool)
         self.observe = Observe()
-        self.gathered = pool.k.new_empty(2, 0, args.head_dim)  # K and V rows gathered for attention, reused (_gather)
+        self.held = HeldKV()  # a contiguous copy of what each head holds, for attention (tinytis.cache.view)
+
+    def compact(self, keep: torch.Tensor):
+        super().compact(keep)  # (truncate compacts too)
+        self.held.invalidate()
+
+    def free(self, rows: list[int]):
+        super().free(rows)
+        self.held.invalidate()
 
     def fork(self) -> "PagedKVCache":
         """A copy of this cache on the same pool, with its own pages (a copy of every page held)."""
@@ -32,56 +41,75 @@ class PagedKVCache(PageTables):
         """Make room for a chunk: positions (B, T), -1 for padding, which must come before a row's tokens; a row's
         positions increase and come after every position it holds.
 
-        Where the chunk's keys go, which pool rows each layer reads and whether it needs an attention mask are worked
-        out here once for all layers, so that a layer's attend() is a write, a gather and the attention.
+        Where the chunk's keys go, what each layer reads and whether it needs an attention mask are worked out here
+        once for all layers, so that a layer's attend() is a write, an append to (or a rebuild of) the held view and
+        the attention.
         """
         T = positions.shape[1]
-        real = positions >= 0
-        padded = not bool(real.all())
-        n_new = real.sum(1)
-        rank = torch.arange(T, device=positions.device) - (T - n_new)[:, None]  # (B, T) index among the row's new tokens
-        if padded and not torch.equal(rank >= 0, real):
-            raise ValueError("padding (position -1) must come before the tokens of each row")
+        self.padded = not bool((positions >= 0).all())
         self.q_pos, self.past_len = positions, self.length  # (B, T), (L, B, KV) before this chunk
-        new_len = self.length + n_new[None, :, None]
-        self._alloc_pages(new_len)
-        slot = torch.where(real[None, :, None], self.length[..., None] + rank[None, :, None], -1)  # (L, B, KV, T)
-        l, b, h, t = (slot >= 0).nonzero(as_tuple=True)
-        self.pos[l, b, h, slot[l, b, h, t]] = positions[b, t]
-        self.write_slot, self.length = slot, new_len
+        slot, self.length = self._place(positions)
+        self.write_slot = slot
         self.new = slot[0] >= 0  # (B, KV, T) the chunk's real tokens, the same in every layer
         slot_rows = self._slot_rows()
         write_rows = slot_rows.gather(-1, slot.clamp(min=0))  # (L, B, KV, T) pool row of each new key
         self.k_rows, self.v_rows = self.pool.rows("k"), self.pool.rows("v")
-        if self.observe.window is not None:
-            self.window.zero_()
         obs = self.observe
+        if obs.window is not None:
+            self.window.zero_()
         # one token per row on the kernel backend: the kernels write and read the pages (_decode_kernel)
         self.kernel_decode = (T == 1 and kernels.use_triton(positions) and obs.window is None
                               and obs.dms_window is None and self.args.sliding_window is None)
         if self.kernel_decode:
+            self.held.invalidate()
             self.write_rows = torch.where(slot >= 0, write_rows, -1)[..., 0].unbind(0)  # per layer (B, KV), -1: padded row
             return
-        self.write_rows = write_rows[:, self.new].unbind(0)  # per layer (N,)
-        self.self_visible = self.self_mask = None
+        # per layer (N,) in the order of k[new]
+        self.write_rows = (write_rows[:, self.new] if self.padded else write_rows.flatten(1)).unbind(0)
+        self.self_visible = self.self_mask = self.causal = self.read_rows = None
         self.attends_to_past = bool(self.past_len.any())
-        S, ragged = T, [False] * len(slot)
-        if self.attends_to_past:  # the held slots of each head, gathered right-aligned into S key columns
-            S = int(new_len.max())
-            col = torch.arange(S, device=slot.device) - (S - new_len)[..., None]  # (L, B, KV, S) slot; < 0: none there
-            held = col >= 0
-            col = col.clamp(min=0)
-            self.read_rows = slot_rows.gather(-1, col).unbind(0)  # per layer (B, KV, S)
-            self.key_slot = torch.where(held, col, -1).unbind(0)
-            self.key_pos = torch.where(held, self.pos.gather(-1, col), -1).unbind(0)
-            n_keys = new_len.amax((1, 2))  # (L,) key columns of each layer: the last n_keys[layer] of the S
-            ragged = (new_len < n_keys[:, None, None]).flatten(1).any(1).tolist()  # a head holds fewer: masked columns
-            self.n_keys = n_keys.tolist()
-        self.causal = torch.ones(T, S, dtype=torch.bool, device=slot.device).tril(S - T)  # queries = the last T columns
+        if self.attends_to_past:  # each head's held slots, right-aligned into S key columns (HeldKV)
+            if self.held.valid and not self.padded:  # every head gained T slots: append them
+                self.held.append(positions)
+            else:  # rebuild from the pages: which pool row each key column reads
+                S = int(self.length.max())
+                col = torch.arange(S, device=slot.device) - (S - self.length)[..., None]  # (L, B, KV, S) slot; < 0: none
+                held = col >= 0
+                col = col.clamp(min=0)
+                self.read_rows = slot_rows.gather(-1, col).unbind(0)  # per layer (B, KV, S)
+                self.held.reset(torch.where(held, self.pos.gather(-1, col), -1), self.length, self.pool.k)
+        self.counted, self.first_counted = counted_queries(obs, self.q_pos, self.mass.dtype)
+        if self.attends_to_past and (self.counted is not None or obs.dms_window is not None):
+            S = self.held.end
+            col = torch.arange(S, device=slot.device) - (S - self.length)[..., None]
+            self.key_slot = torch.where(col >= 0, col, -1).unbind(0)  # per layer (B, KV, S)
         # plain[layer]: each query sees exactly the keys up to its own column, which attend() does without a mask
-        plain = not padded and self.args.sliding_window is None and self.observe.dms_window is None
+        plain = not self.padded and self.args.sliding_window is None and obs.dms_window is None
+        ragged = self.held.ragged if self.attends_to_past else [False] * len(slot)
         self.plain = [plain and not r for r in ragged]
-        self.counted, self.first_counted = counted_queries(self.observe, self.q_pos, self.mass.dtype)
+
+    def _place(self, positions):
+        """Give the chunk's tokens, positions (B, T), their slots: each row's real tokens follow the slots its heads
+        hold, in every layer and head. Allocates the pages they need and records their positions; returns the slots
+        (L, B, KV, T), -1 for padding, and the new lengths (L, B, KV)."""
+        T = positions.shape[1]
+        if not self.padded:  # every head gains T slots
+            new_len = self.length + T
+            self._alloc_pages(new_len)
+            slot = self.length[..., None] + torch.arange(T, device=positions.device)
+            self.pos.scatter_(-1, slot, positions[None, :, None].expand_as(slot))
+            return slot, new_len
+        real = positions >= 0
+        n_new = real.sum(1)
+        rank = torch.arange(T, device=positions.device) - (T - n_new)[:, None]  # (B, T) index among the row's new tokens
+        if not torch.equal(rank >= 0, real):
+            raise ValueError("padding (position -1) must come before the tokens of each row")
+        new_len = self.length + n_new[None, :, None]
+        self._alloc_pages(new_len)
+        slot = torch.where(real[None, :, None], self.length[..., None] + rank[None, :, None], -1)
+        l, b, h, t = (slot >= 0).nonzero(as_tuple=True)
+        self.pos[l, b, h, slot[l, b, h, t]] = positions[b, t]
+        return slot, new_len
 
     def decide(self, layer: int, logits):
         """DMS: logits (B, KV, T) of this chunk's tokens; the logit of token t decides about token t - 1 (tinytis.dms),
@@ -102,16 +130,15 @@ class PagedKVCache(PageTables):
         x: (B, T, dim), the layer's normed input, from which Observe.slot_value computes each new slot's value.
         rope: the chunk's tinytis.model.Rope when q and k come unrotated (from the model); None when already rotated.
 
-        Held slots are gathered right-aligned, so without eviction the keys line up exactly as in DenseKVCache
-        (left padding first) and the result is bit-identical to it.
+        Attention reads the held view (HeldKV), which lines each head's slots up right-aligned, so without eviction
+        the keys sit exactly where DenseKVCache has them (left padding first) and the result is bit-identical to it.
 
         On the kernel backend (kernels.use_triton) a decode step (T = 1) runs two kernels per layer: the fused RoPE +
         page write, then the paged decode attention (with the attention mass only when the policy records it).
         Elsewhere, a chunk whose queries each see exactly the keys up to their own (self.plain: no padding, no head
         holding fewer keys, no window or DMS) runs causal SDPA without a mask (FlashAttention on CUDA).
         """
-        B, H, T, D = q.shape
-        KV = k.shape[1]
+        H, D = q.shape[1], q.shape[3]
         new = self.new
         if self.observe.slot_value is not None:
             b, h, _ = new.nonzero(as_tuple=True)
@@ -121,52 +148,54 @@ class PagedKVCache(PageTables):
             return self._decode_kernel(layer, q, k, v, rope)
         if rope is not None:
             q, k = rope.apply(q), rope.apply(k)
-        self.k_rows.index_copy_(0, self.write_rows[layer], k[new])
-        self.v_rows.index_copy_(0, self.write_rows[layer], v[new])
+        self.k_rows.index_copy_(0, self.write_rows[layer], k[new] if self.padded else k.reshape(-1, D))
+        self.v_rows.index_copy_(0, self.write_rows[layer], v[new] if self.padded else v.reshape(-1, D))
         if self.attends_to_past:
-            S = self.n_keys[layer]
-            cols = slice(self.causal.shape[1] - S, None)  # this layer's key columns
-            keys, values = self._gather(self.read_rows[layer][..., cols], (B, KV, S, D))
+            if self.read_rows is None:
+                self.held.store(layer, k, v)
+            else:
+                n = self.held.n_keys[layer]
+                self.held.fill(layer, self.k_rows, self.v_rows, self.read_rows[layer][..., -n:])
+            keys, values = self.held.keys_values(layer)
         else:  # nothing held before: the chunk attends to itself, as in the dense cache
-            cols = slice(None)
             keys, values = k, v
+        S = keys.shape[2]
         if self.plain[layer]:
-            visible, mask = self.causal[None, None, :, cols], None
+            visible, mask = None, None
         elif self.attends_to_past or dms:  # DMS decisions differ by layer and head
-            evicted = self._evicted(layer, self._key_slot(layer, cols)) if dms else None
-            visible = self._visible(self._key_pos(layer, cols), evicted)  # (B, KV or 1, T, S)
+            evicted = self._evicted(layer, self._key_slot(layer, S)) if dms else None
+            visible = self._visible(self._key_pos(layer), evicted)  # (B, KV or 1, T, S)
             mask = additive_mask(visible, H, q.dtype)
         else:
             if self.self_mask is None:  # the same in every layer
-                self.self_visible = self._visible(self._key_pos(layer, cols))  # (B, 1, T, T)
+                self.self_visible = self._visible(self._key_pos(layer))  # (B, 1, T, T)
                 self.self_mask = additive_mask(self.self_visible, H, q.dtype)
             visible, mask = self.self_visible, self.self_mask
         out = attend(q, keys, values, mask)
         if self.counted is not None:
-            self._observe(layer, q, keys, visible, self._key_slot(layer, cols))
+            if visible is None:  # plain: the queries are the last T key columns
+                visible = self._causal(q.shape[2])[..., -S:]
+            self._observe(layer, q, keys, visible, self._key_slot(layer, S))
         return out
 
-    def _key_slot(self, layer, cols):
-        """The slot of each key column of this layer's attention, (B, KV, S), -1 where the head holds none."""
-        return self.key_slot[layer][..., cols] if self.attends_to_past else self.write_slot[layer]
+    def _key_slot(self, layer, S):
+        """The slot of each of the layer's S key columns, (B, KV, S), -1 where the head holds none."""
+        return self.key_slot[layer][..., -S:] if self.attends_to_past else self.write_slot[layer]
 
-    def _key_pos(self, layer, cols):
-        """The position of each key column, (B, KV or 1, S), -1 where the head holds none."""
-        return self.key_pos[layer][..., cols] if self.attends_to_past else self.q_pos[:, None]
+    def _key_pos(self, layer):
+        """The position of each of the layer's key columns, (B, KV or 1, S), -1 where the head holds none."""
+        return self.held.key_pos(layer) if self.attends_to_past else self.q_pos[:, None]
+
+    def _causal(self, T: int):
+        """(1, 1, T, S) bool: query t sees the key columns up to its own, the queries being the last T of the S key
+        columns of this forward (the largest layer's); built once per forward."""
+        S = self.held.end if self.attends_to_past else T
+        if self.causal is None:
+            self.causal = torch.ones(T, S, dtype=torch.bool, device=self.q_pos.device).tril(S - T)[None, None]
+        return self.causal
 
     def _visible(self, key_pos, evicted=None):
         return visible_keys(self.q_pos, key_pos, self.args.sliding_window, evicted, self.observe.dms_window)
-
-    def _gather(self, rows, shape):
-        """K and V at pool rows (B, KV, S) as shape (B, KV, S, D), gathered into buffers that every layer and forward
-        reuse, so that a decode step allocates no memory the size of the cache."""
-        n = rows.numel()
-        if self.gathered.shape[1] < n:
-            self.gathered = self.k_rows.new_empty(2, max(n, 2 * self.gathered.shape[1]), shape[-1])
-        rows = rows.reshape(-1)
-        keys = torch.index_select(self.k_rows, 0, rows, out=self.gathered[0, :n])
-        values = torch.index_select(self.v_rows, 0, rows, out=self.gathered[1, :n])
-        return keys.view(shape), values.view(shape)
 
     def _decode_kernel(self, layer: int, q, k, v, rope):
         """One token per row, q: (B, H, 1, D) and k, v: (B, KV, 1, D): the fused RoPE + page write, then the paged
