@@ -56,7 +56,8 @@ def counted_queries(observe: Observe, q_pos, dtype):
 
 def attention_received(q, keys, visible, counted, first_counted: int):
     """The attention each key receives from the counted queries, a block of queries at a time: q (B, H, T, D), keys
-    (B, KV, Tk, D), visible (B, KV or 1, T, Tk), counted (B, 1, 1, C, T) -> (B, KV, G, C, Tk), in counted's dtype."""
+    (B, KV, Tk, D), visible (B, KV or 1, T, Tk) or None for all, counted (B, 1, 1, C, T) -> (B, KV, G, C, Tk), in
+    counted's dtype."""
     B, H, T, D = q.shape
     KV, Tk = keys.shape[1], keys.shape[2]
     G = H // KV
@@ -67,6 +68,8 @@ def attention_received(q, keys, visible, counted, first_counted: int):
         n = Tk - (T - t1)  # keys are in position order and the last T - t1 are after every real query of the block
         qb = (q[:, :, t0:t1] * D**-0.5).reshape(B, KV, G * (t1 - t0), D).to(summed.dtype)
         logits = (qb @ keys[:, :, :n].to(summed.dtype).transpose(-1, -2)).view(B, KV, G, t1 - t0, n)
-        probs = logits.masked_fill_(~visible[:, :, None, t0:t1, :n], float("-inf")).softmax(-1)
+        if visible is not None:
+            logits.masked_fill_(~visible[:, :, None, t0:t1, :n], float("-inf"))
+        probs = logits.softmax(-1)
         summed[..., :n] += counted[..., t0:t1] @ probs  # (B, KV, G, C, n)
     return summed

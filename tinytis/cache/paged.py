@@ -79,14 +79,15 @@ class PagedKVCache(PageTables):
                 self.read_rows = slot_rows.gather(-1, col).unbind(0)  # per layer (B, KV, S)
                 self.held.reset(torch.where(held, self.pos.gather(-1, col), -1), self.length, self.pool.k)
         self.counted, self.first_counted = counted_queries(obs, self.q_pos, self.mass.dtype)
-        if self.attends_to_past and (self.counted is not None or obs.dms_window is not None):
+        ragged = self.held.ragged if self.attends_to_past else [False] * len(slot)
+        if any(ragged) and (self.counted is not None or obs.dms_window is not None):
             S = self.held.end
             col = torch.arange(S, device=slot.device) - (S - self.length)[..., None]
             self.key_slot = torch.where(col >= 0, col, -1).unbind(0)  # per layer (B, KV, S)
         # plain[layer]: each query sees exactly the keys up to its own column, which attend() does without a mask
         plain = not self.padded and self.args.sliding_window is None and obs.dms_window is None
-        ragged = self.held.ragged if self.attends_to_past else [False] * len(slot)
         self.plain = [plain and not r for r in ragged]
+        self.ragged = ragged
 
     def _place(self, positions):
         """Give the chunk's tokens, positions (B, T), their slots: each row's real tokens follow the slots its heads
@@ -121,8 +122,10 @@ class PagedKVCache(PageTables):
         b, h, t = ((prev >= 0) & (pos == self.q_pos[:, None, :] - 1)).nonzero(as_tuple=True)
         self.evict[layer][b, h, prev[b, h, t]] = logits[b, h, t] > 0
 
-    def _evicted(self, layer: int, key_slot):
-        """DMS decisions of keys at key_slot (B, KV, Tk), -1 for none: (B, KV, Tk) bool."""
+    def _evicted(self, layer: int, key_slot, S: int):
+        """DMS decisions of the S keys at key_slot (B, KV, S), -1 for none, or None for slots 0..S-1: (B, KV, S) bool."""
+        if key_slot is None:
+            return self.evict[layer][..., :S]
         return self.evict[layer].gather(-1, key_slot.clamp(min=0)) & (key_slot >= 0)
 
     def attend(self, layer: int, q, k, v, x=None, rope=None):
@@ -163,7 +166,7 @@ class PagedKVCache(PageTables):
         if self.plain[layer]:
             visible, mask = None, None
         elif self.attends_to_past or dms:  # DMS decisions differ by layer and head
-            evicted = self._evicted(layer, self._key_slot(layer, S)) if dms else None
+            evicted = self._evicted(layer, self._key_slot(layer, S), S) if dms else None
             visible = self._visible(self._key_pos(layer), evicted)  # (B, KV or 1, T, S)
             mask = additive_mask(visible, H, q.dtype)
         else:
@@ -173,14 +176,17 @@ class PagedKVCache(PageTables):
             visible, mask = self.self_visible, self.self_mask
         out = attend(q, keys, values, mask)
         if self.counted is not None:
-            if visible is None:  # plain: the queries are the last T key columns
+            if visible is None and q.shape[2] > 1:  # plain: the queries are the last T key columns
                 visible = self._causal(q.shape[2])[..., -S:]
             self._observe(layer, q, keys, visible, self._key_slot(layer, S))
         return out
 
     def _key_slot(self, layer, S):
-        """The slot of each of the layer's S key columns, (B, KV, S), -1 where the head holds none."""
-        return self.key_slot[layer][..., -S:] if self.attends_to_past else self.write_slot[layer]
+        """The slot of each of the layer's S key columns, (B, KV, S), -1 where the head holds none; None when column j
+        is slot j in every head (no head of the layer holds fewer slots, and no padding)."""
+        if self.attends_to_past:
+            return self.key_slot[layer][..., -S:] if self.ragged[layer] else None
+        return self.write_slot[layer] if self.padded else None
 
     def _key_pos(self, layer):
         """The position of each of the layer's key columns, (B, KV or 1, S), -1 where the head holds none."""
@@ -215,10 +221,17 @@ class PagedKVCache(PageTables):
         return out[:, :, None]
 
     def _observe(self, layer, q, keys, visible, key_slot):
-        """Record what self.observe asks for from this layer's attention probabilities.
-        visible: (B, KV or 1, T, Tk); key_slot: (B, KV, Tk) the slot of each key, -1 for none."""
-        G = q.shape[1] // keys.shape[1]
+        """Record what self.observe asks for from this layer's attention probabilities. visible: (B, KV or 1, T, Tk),
+        or None when every query sees every key; key_slot: (B, KV, Tk) the slot of each key, -1 for none, or None
+        when key j is slot j."""
+        G, Tk = q.shape[1] // keys.shape[1], keys.shape[2]
         summed = attention_received(q, keys, visible, self.counted, self.first_counted)  # (B, KV, G, C, Tk)
+        if key_slot is None:
+            if self.observe.mass:
+                self.mass[layer][..., :Tk] += summed[:, :, :, 0].mean(2)
+            if self.observe.window is not None:
+                self.window[layer][..., :Tk, :] += summed[:, :, :, -1].transpose(2, 3)
+            return
         summed.masked_fill_((key_slot < 0)[:, :, None, None], 0)
         idx = key_slot.clamp(min=0)
         if self.observe.mass:
