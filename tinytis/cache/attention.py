@@ -61,15 +61,18 @@ def attention_received(q, keys, visible, counted, first_counted: int):
     B, H, T, D = q.shape
     KV, Tk = keys.shape[1], keys.shape[2]
     G = H // KV
-    summed = counted.new_zeros(B, KV, G, counted.shape[3], Tk)  # attention summed over the queries counted
     block = max(1, 2**24 // (B * H * Tk))
-    for t0 in range(first_counted, T, block):
-        t1 = min(T, t0 + block)
+    summed = None  # attention summed over the queries counted
+    for t1 in range(T, first_counted, -block):  # the last block first: it sees every key, and gives summed its shape
+        t0 = max(first_counted, t1 - block)
         n = Tk - (T - t1)  # keys are in position order and the last T - t1 are after every real query of the block
-        qb = (q[:, :, t0:t1] * D**-0.5).reshape(B, KV, G * (t1 - t0), D).to(summed.dtype)
-        logits = (qb @ keys[:, :, :n].to(summed.dtype).transpose(-1, -2)).view(B, KV, G, t1 - t0, n)
+        qb = (q[:, :, t0:t1] * D**-0.5).reshape(B, KV, G * (t1 - t0), D).to(counted.dtype)
+        logits = (qb @ keys[:, :, :n].to(counted.dtype).transpose(-1, -2)).view(B, KV, G, t1 - t0, n)
         if visible is not None:
             logits.masked_fill_(~visible[:, :, None, t0:t1, :n], float("-inf"))
-        probs = logits.softmax(-1)
-        summed[..., :n] += counted[..., t0:t1] @ probs  # (B, KV, G, C, n)
+        part = counted[..., t0:t1] @ logits.softmax(-1)  # (B, KV, G, C, n)
+        if summed is None:
+            summed = part
+        else:
+            summed[..., :n] += part
     return summed

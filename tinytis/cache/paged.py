@@ -228,9 +228,9 @@ class PagedKVCache(PageTables):
         summed = attention_received(q, keys, visible, self.counted, self.first_counted)  # (B, KV, G, C, Tk)
         if key_slot is None:
             if self.observe.mass:
-                self.mass[layer][..., :Tk] += summed[:, :, :, 0].mean(2)
+                self.mass[layer][..., :Tk].add_(summed[:, :, :, 0].mean(2))
             if self.observe.window is not None:
-                self.window[layer][..., :Tk, :] += summed[:, :, :, -1].transpose(2, 3)
+                self.window[layer][..., :Tk, :].add_(summed[:, :, :, -1].transpose(2, 3))
             return
         summed.masked_fill_((key_slot < 0)[:, :, None, None], 0)
         idx = key_slot.clamp(min=0)
