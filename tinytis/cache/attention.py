@@ -40,39 +40,43 @@ def additive_mask(visible, n_heads: int, dtype):
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
 
 
-def counted_queries(observe: Observe, q_pos, dtype):
-    """Which queries of the chunk, q_pos (B, T), each statistic in observe counts: (B, 1, 1, C, T) as 0/1, C = the
-    mass (every real query) and/or the window (each row's last window[b] real queries), or None; and the first
-    query that counts for any."""
+def query_weights(observe: Observe, q_pos, group: int, dtype):
+    """What each query of the chunk, q_pos (B, T), counts for in each statistic in observe, per query head of a GQA
+    group of `group`: (B, 1, R, group, T), or None; and the first query that counts for any. Row 0 is the mass
+    (every real query, 1 / group each: the mean over the group), and with the window, rows 1..group are the window
+    of each query head (each row's last window[b] real queries)."""
     if not observe.mass and observe.window is None:
         return None, 0
     real = q_pos >= 0  # (B, T)
-    counted = [real] if observe.mass else []
+    rows = [real[:, None, None, :].expand(-1, 1, group, -1) / group] if observe.mass else []
     if observe.window is not None:
-        counted.append(real & (real.flip(1).cumsum(1).flip(1) <= observe.window[:, None].to(real.device)))
-    first = 0 if observe.mass else real.shape[1] - int(counted[-1].sum(1).max())
-    return torch.stack(counted, 1).to(dtype)[:, None, None], first
+        window = real & (real.flip(1).cumsum(1).flip(1) <= observe.window[:, None].to(real.device))
+        rows.append(torch.eye(group, device=real.device)[None, :, :, None] * window[:, None, None, :])
+        first = 0 if observe.mass else real.shape[1] - int(window.sum(1).max())
+    else:
+        first = 0
+    return torch.cat(rows, 1).to(dtype)[:, None], first
 
 
-def attention_received(q, keys, visible, counted, first_counted: int):
-    """The attention each key receives from the counted queries, a block of queries at a time: q (B, H, T, D), keys
-    (B, KV, Tk, D), visible (B, KV or 1, T, Tk) or None for all, counted (B, 1, 1, C, T) -> (B, KV, G, C, Tk), in
-    counted's dtype."""
+def attention_received(q, keys, visible, weights, first: int):
+    """The attention each key receives from the queries, weighted, a block of queries at a time: q (B, H, T, D), keys
+    (B, KV, Tk, D), visible (B, KV or 1, T, Tk) or None for all, weights (B, 1, R, G, T) from query_weights ->
+    (B, KV, R, Tk), in weights' dtype."""
     B, H, T, D = q.shape
     KV, Tk = keys.shape[1], keys.shape[2]
-    G = H // KV
+    G, R = H // KV, weights.shape[2]
     block = max(1, 2**24 // (B * H * Tk))
-    summed = None  # attention summed over the queries counted
-    for t1 in range(T, first_counted, -block):  # the last block first: it sees every key, and gives summed its shape
-        t0 = max(first_counted, t1 - block)
+    received = None
+    for t1 in range(T, first, -block):  # the last block first: it sees every key, and gives received its shape
+        t0 = max(first, t1 - block)
         n = Tk - (T - t1)  # keys are in position order and the last T - t1 are after every real query of the block
-        qb = (q[:, :, t0:t1] * D**-0.5).reshape(B, KV, G * (t1 - t0), D).to(counted.dtype)
-        logits = (qb @ keys[:, :, :n].to(counted.dtype).transpose(-1, -2)).view(B, KV, G, t1 - t0, n)
+        qb = (q[:, :, t0:t1] * D**-0.5).reshape(B, KV, G * (t1 - t0), D).to(weights.dtype)
+        logits = qb @ keys[:, :, :n].to(weights.dtype).transpose(-1, -2)  # (B, KV, G * (t1 - t0), n)
         if visible is not None:
-            logits.masked_fill_(~visible[:, :, None, t0:t1, :n], float("-inf"))
-        part = counted[..., t0:t1] @ logits.softmax(-1)  # (B, KV, G, C, n)
-        if summed is None:
-            summed = part
+            logits.view(B, KV, G, t1 - t0, n).masked_fill_(~visible[:, :, None, t0:t1, :n], float("-inf"))
+        part = weights[..., t0:t1].reshape(B, 1, R, G * (t1 - t0)) @ logits.softmax(-1)  # (B, KV, R, n)
+        if received is None:
+            received = part
         else:
-            summed[..., :n] += part
-    return summed
+            received[..., :n] += part
+    return received

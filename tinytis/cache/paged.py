@@ -3,7 +3,7 @@ keys go, which pool rows each layer reads and whether its attention needs a mask
 import torch
 
 from tinytis import kernels
-from tinytis.cache.attention import Observe, additive_mask, attention_received, counted_queries, visible_keys
+from tinytis.cache.attention import Observe, additive_mask, attention_received, query_weights, visible_keys
 from tinytis.cache.pool import PagePool
 from tinytis.cache.tables import PageTables
 from tinytis.cache.view import HeldKV
@@ -78,9 +78,9 @@ class PagedKVCache(PageTables):
                 col = col.clamp(min=0)
                 self.read_rows = slot_rows.gather(-1, col).unbind(0)  # per layer (B, KV, S)
                 self.held.reset(torch.where(held, self.pos.gather(-1, col), -1), self.length, self.pool.k)
-        self.counted, self.first_counted = counted_queries(obs, self.q_pos, self.mass.dtype)
+        self.weights, self.first_counted = query_weights(obs, self.q_pos, self.window.shape[-1], self.mass.dtype)
         ragged = self.held.ragged if self.attends_to_past else [False] * len(slot)
-        if any(ragged) and (self.counted is not None or obs.dms_window is not None):
+        if any(ragged) and (self.weights is not None or obs.dms_window is not None):
             S = self.held.end
             col = torch.arange(S, device=slot.device) - (S - self.length)[..., None]
             self.key_slot = torch.where(col >= 0, col, -1).unbind(0)  # per layer (B, KV, S)
@@ -175,7 +175,7 @@ class PagedKVCache(PageTables):
                 self.self_mask = additive_mask(self.self_visible, H, q.dtype)
             visible, mask = self.self_visible, self.self_mask
         out = attend(q, keys, values, mask)
-        if self.counted is not None:
+        if self.weights is not None:
             if visible is None and q.shape[2] > 1:  # plain: the queries are the last T key columns
                 visible = self._causal(q.shape[2])[..., -S:]
             self._observe(layer, q, keys, visible, self._key_slot(layer, S))
@@ -225,16 +225,19 @@ class PagedKVCache(PageTables):
         or None when every query sees every key; key_slot: (B, KV, Tk) the slot of each key, -1 for none, or None
         when key j is slot j."""
         G, Tk = q.shape[1] // keys.shape[1], keys.shape[2]
-        summed = attention_received(q, keys, visible, self.counted, self.first_counted)  # (B, KV, G, C, Tk)
+        received = attention_received(q, keys, visible, self.weights, self.first_counted)  # (B, KV, R, Tk)
+        if key_slot is not None:
+            received.masked_fill_((key_slot < 0)[:, :, None], 0)
+        mass = received[:, :, 0] if self.observe.mass else None  # (B, KV, Tk)
+        window = received[:, :, -G:].transpose(2, 3) if self.observe.window is not None else None  # (B, KV, Tk, G)
         if key_slot is None:
-            if self.observe.mass:
-                self.mass[layer][..., :Tk].add_(summed[:, :, :, 0].mean(2))
-            if self.observe.window is not None:
-                self.window[layer][..., :Tk, :].add_(summed[:, :, :, -1].transpose(2, 3))
+            if mass is not None:
+                self.mass[layer][..., :Tk].add_(mass)
+            if window is not None:
+                self.window[layer][..., :Tk, :].add_(window)
             return
-        summed.masked_fill_((key_slot < 0)[:, :, None, None], 0)
         idx = key_slot.clamp(min=0)
-        if self.observe.mass:
-            self.mass[layer].scatter_add_(-1, idx, summed[:, :, :, 0].mean(2))
-        if self.observe.window is not None:
-            self.window[layer].scatter_add_(2, idx[..., None].expand(-1, -1, -1, G), summed[:, :, :, -1].transpose(2, 3))
+        if mass is not None:
+            self.mass[layer].scatter_add_(-1, idx, mass)
+        if window is not None:
+            self.window[layer].scatter_add_(2, idx[..., None].expand(-1, -1, -1, G), window)
