@@ -22,6 +22,7 @@ CASES = {  # name -> model args, policy, budget, manager options, question lengt
     "knorm-adaptive": (ARGS, "knorm", 0.4, dict(head_adaptive=True, schedule="pyramid", **DECODE_EVICTIONS), [5, 9, 3]),
     "full": (ARGS, "full", 1.0, {}, [5, 9, 3]),
     "window": (replace(ARGS, sliding_window=24), "tova", 0.5, DECODE_EVICTIONS, [4, 4, 4]),
+    "h2o-bf16": (ARGS, "h2o", 0.4, DECODE_EVICTIONS, [5, 5, 5]),  # the view holds the bf16 pages upcast to fp32
 }
 
 
@@ -41,6 +42,8 @@ def decode_logits(case, monkeypatch, gather: bool):
     if gather:
         monkeypatch.setattr(HeldKV, "valid", property(lambda self: False))
     model = random_model(args, seed=0)
+    if case.endswith("bf16"):
+        model = model.to(torch.bfloat16)
     seen, logits = [], model.logits
     model.logits = lambda h: seen.append(logits(h)) or seen[-1]
     answer(model, random_prompts(args, [90, 67, 75], seed=1), random_prompts(args, question_lengths, seed=2),

@@ -134,7 +134,8 @@ class PagedKVCache(PageTables):
         rope: the chunk's tinytis.model.Rope when q and k come unrotated (from the model); None when already rotated.
 
         Attention reads the held view (HeldKV), which lines each head's slots up right-aligned, so without eviction
-        the keys sit exactly where DenseKVCache has them (left padding first) and the result is bit-identical to it.
+        the keys sit exactly where DenseKVCache has them (left padding first) and an fp32 result is bit-identical to
+        it (a bf16 model attends to the past in fp32: see HeldKV).
 
         On the kernel backend (kernels.use_triton) a decode step (T = 1) runs two kernels per layer: the fused RoPE +
         page write, then the paged decode attention (with the attention mass only when the policy records it).
@@ -168,13 +169,13 @@ class PagedKVCache(PageTables):
         elif self.attends_to_past or dms:  # DMS decisions differ by layer and head
             evicted = self._evicted(layer, self._key_slot(layer, S), S) if dms else None
             visible = self._visible(self._key_pos(layer), evicted)  # (B, KV or 1, T, S)
-            mask = additive_mask(visible, H, q.dtype)
+            mask = additive_mask(visible, H, keys.dtype)
         else:
             if self.self_mask is None:  # the same in every layer
                 self.self_visible = self._visible(self._key_pos(layer))  # (B, 1, T, T)
                 self.self_mask = additive_mask(self.self_visible, H, q.dtype)
             visible, mask = self.self_visible, self.self_mask
-        out = attend(q, keys, values, mask)
+        out = attend(q.to(keys.dtype), keys, values, mask).to(q.dtype)  # the held view is at least fp32 (HeldKV)
         if self.weights is not None:
             if visible is None and q.shape[2] > 1:  # plain: the queries are the last T key columns
                 visible = self._causal(q.shape[2])[..., -S:]

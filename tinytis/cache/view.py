@@ -10,15 +10,17 @@ import torch
 
 
 class HeldKV:
-    """The held K and V of every layer, each head's slots right-aligned at a common end column, as the gather of
-    PagedKVCache lines them up (so that without eviction the keys sit where DenseKVCache has them):
+    """The held K and V of every layer, each head's slots right-aligned at a common end column (so that without
+    eviction the keys sit where DenseKVCache has them, left padding first):
 
       k, v    L x (B, KV, C, D)  layer l attends to columns [end - n_keys[l], end); a head holding fewer than
                                  n_keys[l] slots has them in the last columns, and what is left of them is masked
       pos     (L, B, KV, C)      position of the token in each column, -1 where the head holds none
       n_keys  [L]                the most slots a head of each layer holds
       ragged  [L]                whether some head of the layer holds fewer (its attention needs a mask)
-    Columns [end, C) are room for the tokens to come.
+    Columns [end, C) are room for the tokens to come. K and V are held in fp32 when the pool's are in a lower
+    precision (bf16, fp16): the upcast is exact, and attention in fp32 over them is several times faster on CPU than
+    SDPA in bf16 (its output is rounded back to the model's dtype); it takes twice the memory of the pages it copies.
     """
 
     def __init__(self):
@@ -36,7 +38,8 @@ class HeldKV:
         head; K and V are filled in by fill(), a layer at a time. like: a tensor of the pool (dtype, device)."""
         L, B, KV, S = key_pos.shape
         self.end = S
-        self.k = [like.new_empty(B, KV, self._room(S), like.shape[-1]) for _ in range(L)]
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        self.k = [like.new_empty(B, KV, self._room(S), like.shape[-1], dtype=dtype) for _ in range(L)]
         self.v = [torch.empty_like(k) for k in self.k]
         self.pos = key_pos.new_full((L, B, KV, self._room(S)), -1)
         self.pos[..., :S] = key_pos
