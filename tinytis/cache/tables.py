@@ -65,12 +65,12 @@ class PageTables:
     def _alloc_pages(self, new_len):
         """Give every head the pages it needs to hold new_len (L, B, KV) slots."""
         ps = self.pool.page_size
-        held = (self.length + ps - 1) // ps
-        extra = ((new_len + ps - 1) // ps - held).flatten()
+        held, needed = (self.length + (ps - 1)) // ps, (new_len + (ps - 1)) // ps
+        extra = (needed - held).flatten()
         total = int(extra.sum())
         if total == 0:
             return
-        self._widen(int(((new_len + ps - 1) // ps).max()))
+        self._widen(int(needed.max()))
         self.slot_rows = None
         ids = self.pool.alloc(total)
         head = torch.repeat_interleave(torch.arange(extra.numel(), device=ids.device), extra)  # (total,) head of each page
