@@ -1,5 +1,6 @@
 """PagedKVCache: a forward through the page tables. begin_forward works out, once for all layers, where the chunk's
-keys go, which pool rows each layer reads and whether its attention needs a mask; attend writes, gathers and attends."""
+keys go, what each layer reads and whether its attention needs a mask; attend writes the pages, appends to (or
+rebuilds) the held view and attends to it."""
 import torch
 
 from tinytis import kernels
@@ -66,28 +67,35 @@ class PagedKVCache(PageTables):
             return
         # per layer (N,) in the order of k[new]
         self.write_rows = (write_rows[:, self.new] if self.padded else write_rows.flatten(1)).unbind(0)
-        self.self_visible = self.self_mask = self.causal = self.read_rows = None
+        self.self_visible = self.self_mask = self.causal = None
         self.attends_to_past = bool(self.past_len.any())
-        if self.attends_to_past:  # each head's held slots, right-aligned into S key columns (HeldKV)
-            if self.held.valid and not self.padded:  # every head gained T slots: append them
-                self.held.append(positions)
-            else:  # rebuild from the pages: which pool row each key column reads
-                S = int(self.length.max())
-                col = torch.arange(S, device=slot.device) - (S - self.length)[..., None]  # (L, B, KV, S) slot; < 0: none
-                held = col >= 0
-                col = col.clamp(min=0)
-                self.read_rows = slot_rows.gather(-1, col).unbind(0)  # per layer (B, KV, S)
-                self.held.reset(torch.where(held, self.pos.gather(-1, col), -1), self.length, self.pool.k)
-        self.weights, self.first_counted = query_weights(obs, self.q_pos, self.window.shape[-1], self.mass.dtype)
-        ragged = self.held.ragged if self.attends_to_past else [False] * len(slot)
-        if any(ragged) and (self.weights is not None or obs.dms_window is not None):
+        self._plan_reads(slot_rows)
+        self.weights, self.first_weighted = query_weights(obs, positions, self.window.shape[-1], self.mass.dtype)
+        self.ragged = self.held.ragged if self.attends_to_past else [False] * len(slot)
+        if any(self.ragged) and (self.weights is not None or obs.dms_window is not None):
             S = self.held.end
             col = torch.arange(S, device=slot.device) - (S - self.length)[..., None]
             self.key_slot = torch.where(col >= 0, col, -1).unbind(0)  # per layer (B, KV, S)
         # plain[layer]: each query sees exactly the keys up to its own column, which attend() does without a mask
         plain = not self.padded and self.args.sliding_window is None and obs.dms_window is None
-        self.plain = [plain and not r for r in ragged]
-        self.ragged = ragged
+        self.plain = [plain and not r for r in self.ragged]
+
+    def _plan_reads(self, slot_rows):
+        """What attention reads: each head's held slots, right-aligned into the key columns of the held view. When
+        every head gained the chunk's T slots and the view is valid they are appended to it; otherwise read_rows
+        says which pool row each key column is rebuilt from, a layer at a time in attend()."""
+        self.read_rows = None
+        if not self.attends_to_past:
+            return
+        if self.held.valid and not self.padded:
+            self.held.append(self.q_pos)
+            return
+        S = int(self.length.max())
+        col = torch.arange(S, device=slot_rows.device) - (S - self.length)[..., None]  # (L, B, KV, S) slot; < 0: none
+        held = col >= 0
+        col = col.clamp(min=0)
+        self.read_rows = slot_rows.gather(-1, col).unbind(0)  # per layer (B, KV, S)
+        self.held.reset(torch.where(held, self.pos.gather(-1, col), -1), self.length, self.pool.k)
 
     def _place(self, positions):
         """Give the chunk's tokens, positions (B, T), their slots: each row's real tokens follow the slots its heads
@@ -154,15 +162,7 @@ class PagedKVCache(PageTables):
             q, k = rope.apply(q), rope.apply(k)
         self.k_rows.index_copy_(0, self.write_rows[layer], k[new] if self.padded else k.reshape(-1, D))
         self.v_rows.index_copy_(0, self.write_rows[layer], v[new] if self.padded else v.reshape(-1, D))
-        if self.attends_to_past:
-            if self.read_rows is None:
-                self.held.store(layer, k, v)
-            else:
-                n = self.held.n_keys[layer]
-                self.held.fill(layer, self.k_rows, self.v_rows, self.read_rows[layer][..., -n:])
-            keys, values = self.held.keys_values(layer)
-        else:  # nothing held before: the chunk attends to itself, as in the dense cache
-            keys, values = k, v
+        keys, values = self._keys_values(layer, k, v)
         S = keys.shape[2]
         if self.plain[layer]:
             visible, mask = None, None
@@ -181,6 +181,18 @@ class PagedKVCache(PageTables):
                 visible = self._causal(q.shape[2])[..., -S:]
             self._observe(layer, q, keys, visible, self._key_slot(layer, S))
         return out
+
+    def _keys_values(self, layer, k, v):
+        """What the layer attends to, (B, KV, S, D): its held view, with the chunk's k, v appended or rebuilt from the
+        pages that now hold them (_plan_reads); with nothing held before, the chunk's own k, v, as in the dense cache."""
+        if not self.attends_to_past:
+            return k, v
+        if self.read_rows is None:
+            self.held.store(layer, k, v)
+        else:
+            n = self.held.n_keys[layer]
+            self.held.fill(layer, self.k_rows, self.v_rows, self.read_rows[layer][..., -n:])
+        return self.held.keys_values(layer)
 
     def _key_slot(self, layer, S):
         """The slot of each of the layer's S key columns, (B, KV, S), -1 where the head holds none; None when column j
@@ -226,7 +238,7 @@ class PagedKVCache(PageTables):
         or None when every query sees every key; key_slot: (B, KV, Tk) the slot of each key, -1 for none, or None
         when key j is slot j."""
         G, Tk = q.shape[1] // keys.shape[1], keys.shape[2]
-        received = attention_received(q, keys, visible, self.weights, self.first_counted)  # (B, KV, R, Tk)
+        received = attention_received(q, keys, visible, self.weights, self.first_weighted)  # (B, KV, R, Tk)
         if key_slot is not None:
             received.masked_fill_((key_slot < 0)[:, :, None], 0)
         mass = received[:, :, 0] if self.observe.mass else None  # (B, KV, Tk)
