@@ -11,6 +11,7 @@ sixth argument, and rotates them itself: on the kernel path fused with the page 
   pool.py       PagePool: the memory, fixed-size pages of K and V rows and the stack of free ones
   tables.py     PageTables: which slots each (layer, sequence, KV head) holds, in which pages; compact, free, fork
   paged.py      PagedKVCache: a forward through the page tables (where keys go, what each layer reads) and attention
+  view.py       HeldKV: a contiguous copy of what each head holds, that decode steps append to (what attention reads)
   attention.py  masks of the paged attention and the statistics it records for the eviction policy (Observe)
 """
 from tinytis.cache.attention import Observe
