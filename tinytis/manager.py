@@ -170,9 +170,9 @@ class CacheManager:
             self.evict(cache, self.decode_budget)
 
     def _record(self, ids, positions, hidden):
-        for b, store in enumerate(self.tokens):
-            real = positions[b] >= 0
-            store.append(positions[b][real], ids[b][real], hidden[b][real])
+        T = positions.shape[1]
+        for b, (store, n) in enumerate(zip(self.tokens, (positions >= 0).sum(1).tolist())):
+            store.append(positions[b, T - n :], ids[b, T - n :], hidden[b, T - n :])  # padding comes first
         self.last_pos = torch.maximum(self.last_pos, positions.max(1).values.cpu())
 
     # -- eviction ---------------------------------------------------------------------------------------------------

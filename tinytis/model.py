@@ -25,7 +25,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        """x / sqrt(mean(x^2) + eps) in fp32, rounded to x's dtype, times the weight (as transformers does)."""
+        """x / sqrt(mean(x^2) + eps) in fp32, rounded to x's dtype, times the weight (as transformers does); in fp32,
+        one fused op with the same result."""
+        if x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
@@ -73,9 +76,12 @@ class Rope:
     def __init__(self, positions, inv_freq, dtype):
         self.positions, self.inv_freq = positions, inv_freq
         self.cos, self.sin = _cos_sin(positions, inv_freq, dtype)
+        half = self.sin.shape[-1] // 2
+        self.signed_sin = torch.cat((-self.sin[..., :half], self.sin[..., half:]), dim=-1)
 
     def apply(self, x):
-        return apply_rope(x, self.cos, self.sin)
+        """apply_rope(x, cos, sin) in fewer ops, bit for bit: rotate_half(x) * sin = roll(x, D/2) * signed_sin."""
+        return x * self.cos + x.roll(x.shape[-1] // 2, -1) * self.signed_sin
 
 
 def attention_mask(q_pos, k_pos, sliding_window: int | None, dtype=torch.float32):

@@ -5,14 +5,18 @@ generate.py and eval.py run). transformers runs its own model with a DynamicCach
 greedily for --new-tokens tokens, never stopping early. In each (model, dtype, threads, context) cell, every engine
 runs once as a warm-up and then --reps times, the engines interleaved, so load on the machine falls on all of them
 alike; a figure is the median of its runs. Decode tok/s is the steady rate, without the first decode step (which
-pays the warm-up), on both sides; prefill tok/s is prompt tokens over the seconds to the first logits.
+pays the warm-up), on both sides; prefill tok/s is prompt tokens over the seconds to the first logits. Ops per step:
+the torch ops a decode step dispatches (counted below the Python API, in a run of its own), a measure of the step's
+overhead that does not depend on the load on the machine.
 """
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tinytis.bench.common import describe, model_args, random_checkpoint
 from tinytis.config import ModelArgs
@@ -68,9 +72,32 @@ def transformers_run(model, prompt: list[int], new_tokens: int):
     return len(prompt) / prefill_s, (new_tokens - 1) / (time.perf_counter() - t1), first
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the torch ops dispatched while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(run: Callable[[int], object], steps: int = 10) -> float:
+    """Torch ops per decode step of run(new_tokens): the ops of a run `steps` tokens longer, over those steps."""
+    counts = []
+    for new_tokens in (3, 3 + steps):
+        with OpCounter() as counter:
+            run(new_tokens)
+        counts.append(counter.n)
+    return (counts[1] - counts[0]) / steps
+
+
 def measure_cell(model_dir: Path, dtype: torch.dtype, context: int, rows: list, a) -> dict:
-    """Medians of prefill and decode tok/s for every row (policy, budget) of one cell, and the largest logit
-    difference between tinytis and transformers after the prompt (both load the same weights)."""
+    """Medians of prefill and decode tok/s for every row (policy, budget) of one cell, the torch ops of a decode step
+    of each, and the largest logit difference between tinytis and transformers after the prompt (both load the same
+    weights)."""
     from transformers import AutoModelForCausalLM
 
     ours = Transformer.from_pretrained(model_dir, dtype)
@@ -87,8 +114,10 @@ def measure_cell(model_dir: Path, dtype: torch.dtype, context: int, rows: list, 
             if rep:
                 runs[row].append(speeds)
     medians = {row: tuple(statistics.median(r[i] for r in runs[row]) for i in (0, 1)) for row in rows}
+    ops = {row: ops_per_step(lambda n: transformers_run(theirs, prompt, n)) if row == TRANSFORMERS
+           else ops_per_step(lambda n: tinytis_run(ours, model_dir, prompt, *row, n)) for row in rows}
     diff = max((logits[row] - logits[TRANSFORMERS]).abs().max().item() for row in rows)
-    return medians, diff
+    return medians, ops, diff
 
 
 def speed(a):
@@ -123,8 +152,8 @@ def speed(a):
                 for threads in a.threads:
                     torch.set_num_threads(threads)
                     for context in fits:
-                        medians, diff = measure_cell(dirs[name], getattr(torch, dtype), context, rows, a)
-                        table.append(((name, dtype, threads, context), medians, diff))
+                        table.append(((name, dtype, threads, context), *measure_cell(dirs[name], getattr(torch, dtype),
+                                                                                      context, rows, a)))
     print_table(table, notes, a)
 
 
@@ -135,10 +164,28 @@ def print_table(table, notes, a):
         print(note)
     print(f"{'model':<9} {'dtype':<9} {'thr':>3} {'context':>7} {'engine':<18} {'prefill tok/s':>13} {'decode tok/s':>12}"
           f" {'prefill x':>9} {'decode x':>8}")
-    for (name, dtype, threads, context), medians, diff in table:
+    for (name, dtype, threads, context), medians, _, diff in table:
         base = medians[TRANSFORMERS]
-        for (policy, budget), (pf, dec) in medians.items():
-            engine = "transformers" if policy == "transformers" else f"tinytis {policy} {budget:g}"
-            print(f"{name:<9} {dtype:<9} {threads:>3} {context:>7} {engine:<18} {pf:>13.1f} {dec:>12.1f}"
+        for row, (pf, dec) in medians.items():
+            print(f"{name:<9} {dtype:<9} {threads:>3} {context:>7} {engine_name(row):<18} {pf:>13.1f} {dec:>12.1f}"
                   f" {pf / base[0]:>8.2f}x {dec / base[1]:>7.2f}x")
         print(f"{'':<31}same weights: max |logit diff| after the prompt {diff:.2e}")
+    print_side_by_side(table)
+
+
+def engine_name(row) -> str:
+    return "transformers" if row == TRANSFORMERS else f"tinytis {row[0]} {row[1]:g}"
+
+
+def print_side_by_side(table):
+    """Every tinytis row's decode x (prefill x) against transformers, a column each, and the torch ops per decode
+    step of every engine."""
+    rows = list(table[0][1]) if table else []
+    names = [engine_name(row).removeprefix("tinytis ") for row in rows[1:]]
+    print("\nside by side: decode x (prefill x) against transformers; torch ops per decode step, transformers first")
+    print(f"{'model':<9} {'dtype':<9} {'thr':>3} {'context':>7} " + " ".join(f"{n:>15}" for n in names) + "  ops/step")
+    for (name, dtype, threads, context), medians, ops, _ in table:
+        base = medians[TRANSFORMERS]
+        ratios = [f"{dec / base[1]:.2f}x ({pf / base[0]:.2f}x)" for pf, dec in list(medians.values())[1:]]
+        print(f"{name:<9} {dtype:<9} {threads:>3} {context:>7} " + " ".join(f"{r:>15}" for r in ratios)
+              + "  " + " / ".join(f"{ops[row]:.0f}" for row in rows))
