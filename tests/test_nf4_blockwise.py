@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tinytis import nf4, nf4_linear
 from tinytis.kernels import nf4_blockwise, nf4_cpu
 from tinytis.kernels.nf4_matmul import nf4_matmul_ref
+from saved_bytes import saved_bytes
 
 HAS_C = nf4_cpu.library() is not None
 
@@ -135,15 +136,6 @@ def test_backward_gives_the_dense_reference_gradient(path, shape, double_quant):
     x_ref = x.detach().clone().requires_grad_(True)
     F.linear(x_ref, nf4.dequantize(w)).backward(grad)
     assert (x.grad - x_ref.grad).abs().max() <= 1e-5
-
-
-def saved_bytes(fn) -> int:
-    """Bytes of the tensors autograd saves for backward while fn runs."""
-    total = []
-    pack = lambda t: total.append(t.numel() * t.element_size()) or t  # noqa: E731
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(total)
 
 
 def test_backward_keeps_only_the_4bit_weight():

@@ -22,6 +22,7 @@ from tinytis.tokenizer import Tokenizer
 from tinytis.train import tis as stage
 from tinytis.train.base import train_tokenizer
 from tinytis.weights import save_hf
+from saved_bytes import saved_bytes
 
 SMALL = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64, vocab_size=400,
                   max_seq_len=512, rope_theta=1e4, tie_embeddings=True)
@@ -106,15 +107,6 @@ def test_soft_mask_gives_gradient_to_the_head_and_not_to_the_model(model_dir):
     assert tis.importance_embedding.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
-def saved_bytes(fn) -> int:
-    """Bytes of the tensors autograd saves for backward while fn runs."""
-    total = []
-    pack = lambda t: total.append(t.numel() * t.element_size()) or t  # noqa: E731
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(total)
 
 
 def test_ert_through_an_nf4_base_gets_the_dense_gradients_and_keeps_no_dense_weight(model_dir, tmp_path):
